@@ -1,0 +1,51 @@
+"""Aggregation: a pure robust-aggregation core and SecretFlow aggregators.
+
+The core (FedAvg, Krum, Multi-Krum, median, trimmed mean, NDC, RFA, RSA, FLAME, matrix mapping)
+works on a stacked ``[n_clients, n_params]`` float32 update matrix, never imports SecretFlow and
+is exported here directly. SecretFlow ``Aggregator`` subclasses import SecretFlow and are resolved
+lazily on first attribute access.
+"""
+
+import importlib
+
+from sf_ext.aggregators.core import AGGREGATORS, ALIASES, aggregate, get_aggregator
+from sf_ext.aggregators.fedavg import fedavg
+from sf_ext.aggregators.flame import flame
+from sf_ext.aggregators.geometric_median import geometric_median
+from sf_ext.aggregators.krum import krum, multi_krum
+from sf_ext.aggregators.matrix_mapping import map_updates, matrix_mapping
+from sf_ext.aggregators.median import coordinate_median, trimmed_mean
+from sf_ext.aggregators.norm_clipping import norm_clipping
+from sf_ext.aggregators.report import AggregationReport, detection_rates
+from sf_ext.aggregators.sign import rsa_step, sign_aggregate
+
+# SecretFlow-backed names -> the submodule defining them (imported on first use only).
+_LAZY = {"SecurePruneAggregator": "sf_ext.aggregators.secure_prune"}
+
+__all__ = [
+    "AGGREGATORS",
+    "ALIASES",
+    "AggregationReport",
+    "aggregate",
+    "coordinate_median",
+    "detection_rates",
+    "fedavg",
+    "flame",
+    "geometric_median",
+    "get_aggregator",
+    "krum",
+    "map_updates",
+    "matrix_mapping",
+    "multi_krum",
+    "norm_clipping",
+    "rsa_step",
+    "sign_aggregate",
+    "trimmed_mean",
+    *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

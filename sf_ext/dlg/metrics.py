@@ -1,0 +1,209 @@
+"""Reconstruction quality: MSE, PSNR, SSIM, label accuracy and aggregation over seeds.
+
+Images are compared in ``[0, 1]``: reconstructions are clamped first (DLG's dummy input is
+unconstrained, and a display clamps it the same way). A gradient does not say in which order the
+items of a batch were, so for batches each true image is paired with a distinct reconstruction by
+minimum total MSE (Hungarian assignment) before scoring.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+# torchmetrics and scipy are imported where used: together they take seconds to import, and
+# `import sf_ext.dlg` should not pay for them.
+
+
+def _as_batch(images: torch.Tensor) -> torch.Tensor:
+    images = torch.as_tensor(images).detach().float().cpu()
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W] or [C, H, W], got {tuple(images.shape)}")
+    return images
+
+
+def mse(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error, ``[B]`` (reconstruction clamped to [0, 1])."""
+    recon, truth = _as_batch(recon).clamp(0, 1), _as_batch(truth)
+    return ((recon - truth) ** 2).flatten(1).mean(dim=1)
+
+
+def psnr(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for data range 1: ``10 * log10(1 / MSE)``; ``inf`` for a perfect copy."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    recon, truth = _as_batch(recon).clamp(0, 1), _as_batch(truth)
+    return peak_signal_noise_ratio(
+        recon, truth, data_range=1.0, reduction="none", dim=(1, 2, 3)
+    ).reshape(-1)
+
+
+def ssim(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM: 11x11 Gaussian window (sigma 1.5); images under 11 pixels a side (8x8
+    digits) use the largest odd uniform window that fits, since the Gaussian one would not."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    recon, truth = _as_batch(recon).clamp(0, 1), _as_batch(truth)
+    side = min(truth.shape[-2:])
+    if side >= 11:
+        options = {"gaussian_kernel": True, "sigma": 1.5}
+    else:
+        options = {"gaussian_kernel": False, "kernel_size": side if side % 2 else side - 1}
+    return structural_similarity_index_measure(
+        recon, truth, data_range=1.0, reduction="none", **options
+    ).reshape(-1)
+
+
+def match_batch(recon: torch.Tensor, truth: torch.Tensor) -> List[int]:
+    """For each true image, the index of its reconstruction (one-to-one, minimum total MSE)."""
+    from scipy.optimize import linear_sum_assignment
+
+    recon, truth = _as_batch(recon).clamp(0, 1), _as_batch(truth)
+    if recon.shape != truth.shape:
+        raise ValueError(f"shape mismatch: {tuple(recon.shape)} vs {tuple(truth.shape)}")
+    cost = torch.cdist(truth.flatten(1), recon.flatten(1)) ** 2
+    rows, cols = linear_sum_assignment(cost.numpy())
+    order = [0] * len(rows)
+    for r, c in zip(rows, cols):
+        order[r] = int(c)
+    return order
+
+
+def label_accuracy(predicted: Sequence[int], true: Sequence[int]) -> float:
+    """Fraction of true labels recovered, ignoring order (multiset overlap / batch size)."""
+    predicted = [int(v) for v in torch.as_tensor(predicted).reshape(-1)]
+    true = [int(v) for v in torch.as_tensor(true).reshape(-1)]
+    if not true:
+        raise ValueError("no true labels")
+    remaining = list(predicted)
+    hits = 0
+    for label in true:
+        if label in remaining:
+            remaining.remove(label)
+            hits += 1
+    return hits / len(true)
+
+
+@dataclass
+class ReconstructionScore:
+    """Scores of one reconstruction against the truth (batch means over matched pairs).
+
+    ``psnr_per_image`` etc. keep the per-item values in the order of the true batch.
+    """
+
+    mse: float
+    psnr: float
+    ssim: float
+    label_accuracy: float
+    psnr_per_image: List[float]
+    ssim_per_image: List[float]
+    assignment: List[int]
+
+    def as_row(self) -> Dict[str, float]:
+        return {
+            "mse": self.mse,
+            "psnr": self.psnr,
+            "ssim": self.ssim,
+            "label_acc": self.label_accuracy,
+        }
+
+
+def score_reconstruction(
+    recon: torch.Tensor,
+    truth: torch.Tensor,
+    recovered_labels: Optional[Sequence[int]] = None,
+    true_labels: Optional[Sequence[int]] = None,
+) -> ReconstructionScore:
+    """Score a reconstructed batch: pair items (for B > 1), then MSE/PSNR/SSIM and labels.
+
+    Args:
+        recon: Reconstruction ``[B, C, H, W]`` (any range; clamped to [0, 1]).
+        truth: True images in ``[0, 1]``, same shape.
+        recovered_labels: Labels the attack recovered (``None``: label accuracy is NaN).
+        true_labels: True labels.
+    """
+    recon, truth = _as_batch(recon), _as_batch(truth)
+    order = match_batch(recon, truth) if truth.shape[0] > 1 else [0]
+    paired = recon[order]
+    errors, peaks, sims = mse(paired, truth), psnr(paired, truth), ssim(paired, truth)
+    labels = (
+        label_accuracy(recovered_labels, true_labels)
+        if recovered_labels is not None and true_labels is not None
+        else math.nan
+    )
+    return ReconstructionScore(
+        mse=float(errors.mean()),
+        psnr=float(peaks.mean()),
+        ssim=float(sims.mean()),
+        label_accuracy=labels,
+        psnr_per_image=[float(v) for v in peaks],
+        ssim_per_image=[float(v) for v in sims],
+        assignment=order,
+    )
+
+
+def mean_std(values: Iterable[float]) -> Dict[str, float]:
+    """Mean, sample standard deviation (0 for a single value), min, max and count."""
+    arr = np.asarray([float(v) for v in values], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return {
+        "mean": float(arr.mean()),
+        "std": std,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "n": int(arr.size),
+    }
+
+
+def aggregate_rows(
+    rows: Sequence[Mapping[str, object]],
+    group_by: Sequence[str],
+    metrics: Sequence[str] = ("psnr", "ssim", "mse", "label_acc"),
+    success_psnr: Optional[float] = None,
+) -> List[Dict[str, object]]:
+    """Group per-run rows (one per seed) and summarize each metric as mean and spread.
+
+    Args:
+        rows: Per-run dictionaries, e.g. the sweep's CSV rows.
+        group_by: Keys that define a group (e.g. ``("attack", "attacker", "rate")``).
+        metrics: Metric keys to summarize; each gives ``<m>_mean``, ``<m>_std``, ``<m>_min``,
+            ``<m>_max``.
+        success_psnr: When given, also count runs with PSNR at or above it (``successes``).
+
+    Returns:
+        One dictionary per group, in first-seen order, with the group keys and ``n``.
+    """
+    groups: Dict[tuple, List[Mapping[str, object]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in group_by), []).append(row)
+    out = []
+    for key, members in groups.items():
+        summary: Dict[str, object] = dict(zip(group_by, key))
+        summary["n"] = len(members)
+        for metric in metrics:
+            stats = mean_std(float(m[metric]) for m in members)
+            for stat in ("mean", "std", "min", "max"):
+                summary[f"{metric}_{stat}"] = stats[stat]
+        if success_psnr is not None:
+            summary["successes"] = sum(float(m["psnr"]) >= success_psnr for m in members)
+        out.append(summary)
+    return out
+
+
+__all__ = [
+    "ReconstructionScore",
+    "aggregate_rows",
+    "label_accuracy",
+    "match_batch",
+    "mean_std",
+    "mse",
+    "psnr",
+    "score_reconstruction",
+    "ssim",
+]

@@ -1,0 +1,195 @@
+"""Run an experiment grid: ``python -m sf_ext.simulator.run <config.yaml> --out <folder>``.
+
+Each distinct cell runs in ``<out>/cells/<key>/`` with a per-round checkpoint, so an interrupted
+run picks up where it stopped when started again with the same command; finished cells are read
+back from their ``result.json``. ``--ray`` spreads the cells over a Ray cluster (a local one by
+default) instead of running them one after another. When all cells are done the folder gets
+``results.csv``, ``table.md`` and ``plots/``.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from sf_ext.simulator.grid import Cell, ExperimentGrid, load_grid
+
+__all__ = ["main", "run_grid", "run_cell"]
+
+
+def run_cell(config_dict: Dict[str, Any], cell_dir: str, cache_dir: str, threads: int = 1,
+             progress: bool = True) -> Dict[str, Any]:
+    """Run (or resume, or read back) one cell; returns its ``result.json`` content."""
+    import torch
+
+    from sf_ext.simulator.config import SimulationConfig
+    from sf_ext.simulator.engine import RESULT, Simulator
+
+    done = os.path.join(cell_dir, RESULT)
+    if os.path.exists(done):
+        with open(done) as handle:
+            result = json.load(handle)
+        if result.get("config") == config_dict:
+            return result
+    torch.set_num_threads(threads)
+    config = SimulationConfig.from_dict(config_dict)
+    sim = Simulator(config, out_dir=cell_dir, progress=progress, pretrained_cache=cache_dir)
+    result = sim.run().to_dict()
+    with open(done) as handle:
+        return json.load(handle)
+
+
+def _unique(cells: List[Cell]) -> Dict[str, Cell]:
+    unique: Dict[str, Cell] = {}
+    for cell in cells:
+        unique.setdefault(cell.key, cell)
+    return unique
+
+
+def run_grid(
+    grid: ExperimentGrid,
+    out: str,
+    overrides: Optional[Dict[str, Any]] = None,
+    only: Optional[str] = None,
+    use_ray: bool = False,
+    ray_address: Optional[str] = None,
+    threads: int = 1,
+    progress: bool = True,
+) -> Dict[str, Dict[str, Any]]:
+    """Run every distinct cell of ``grid`` (with ``only``: those whose key contains one of its
+    comma-separated parts) and write the CSV, Markdown table and plots.
+
+    Returns ``cell key -> result`` for every finished cell of the grid.
+    """
+    from tqdm.auto import tqdm
+
+    from sf_ext.simulator.report import markdown_tables, write_csv, write_plots
+
+    os.makedirs(out, exist_ok=True)
+    cells = grid.cells(overrides)
+    unique = _unique(cells)
+    wanted = [part for part in (only or "").split(",") if part]
+    todo = {k: c for k, c in unique.items() if not wanted or any(w in k for w in wanted)}
+    cache_dir = os.path.join(out, "pretrained")
+    with open(os.path.join(out, "grid.json"), "w") as handle:
+        json.dump(
+            {
+                "name": grid.name,
+                "description": grid.description,
+                "overrides": overrides or {},
+                "cells": {k: c.config.to_dict() for k, c in unique.items()},
+            },
+            handle,
+            indent=1,
+            default=str,
+        )
+    results: Dict[str, Dict[str, Any]] = {}
+    start = time.perf_counter()
+    if use_ray:
+        results.update(_run_ray(todo, out, cache_dir, ray_address, threads))
+    else:
+        bar = tqdm(total=len(todo), desc=grid.name, disable=not progress)
+        for key, cell in todo.items():
+            bar.set_postfix_str(key[:40])
+            results[key] = run_cell(
+                cell.config.to_dict(), os.path.join(out, "cells", key), cache_dir, threads, progress
+            )
+            bar.update(1)
+        bar.close()
+    # Cells run earlier (other filters, other sessions) still belong in the table.
+    for key in unique:
+        path = os.path.join(out, "cells", key, "result.json")
+        if key not in results and os.path.exists(path):
+            with open(path) as handle:
+                results[key] = json.load(handle)
+    write_csv(os.path.join(out, "results.csv"), cells, results)
+    table = markdown_tables(grid, cells, results)
+    elapsed = time.perf_counter() - start
+    with open(os.path.join(out, "table.md"), "w") as handle:
+        handle.write(table)
+        handle.write(f"\n{len(todo)} cells run or read back in {elapsed / 60:.1f} min.\n")
+    write_plots(os.path.join(out, "plots"), grid, cells, results)
+    return results
+
+
+def _run_ray(todo, out, cache_dir, address, threads):
+    import ray
+    from tqdm.auto import tqdm
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    remote = ray.remote(num_cpus=threads)(run_cell)
+    pending = {}
+    for key, cell in todo.items():
+        cell_dir = os.path.join(out, "cells", key)
+        ref = remote.remote(cell.config.to_dict(), cell_dir, cache_dir, threads, False)
+        pending[ref] = key
+    results = {}
+    with tqdm(total=len(pending), desc="cells (ray)") as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            key = pending.pop(ready[0])
+            results[key] = ray.get(ready[0])
+            bar.update(1)
+    return results
+
+
+def _parse_overrides(items: List[str]) -> Dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="experiment file (.yaml/.yml/.json)")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--device", help="override the device (cpu, cuda)")
+    parser.add_argument("--seed", type=int, help="override the seed of every cell")
+    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting"
+    )
+    parser.add_argument(
+        "--only", help="run only cells whose key contains one of these comma-separated texts"
+    )
+    parser.add_argument("--ray", action="store_true", help="spread the cells over Ray")
+    parser.add_argument("--ray-address", help="address of an existing Ray cluster")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per cell")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--list", action="store_true", help="list the cells and exit")
+    args = parser.parse_args(argv)
+
+    grid = load_grid(args.config)
+    overrides = _parse_overrides(args.set)
+    for name in ("device", "seed", "rounds"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.list:
+        for key, cell in _unique(grid.cells(overrides)).items():
+            print(f"{key}\t{cell.row_label}\t{cell.column_label}")
+        return 0
+    run_grid(
+        grid,
+        args.out,
+        overrides=overrides,
+        only=args.only,
+        use_ray=args.ray,
+        ray_address=args.ray_address,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(open(os.path.join(args.out, "table.md")).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shared test fixtures: where the real datasets live."""
+
+import os
+from pathlib import Path
+
+# One compute thread per process: the suite runs SecretFlow parties as separate processes on a
+# 2-core machine, and oversubscribed OpenMP threads slow torch down by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# CI and developers keep the shared data folder beside the checkout.
+DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
+os.environ.setdefault("SF_EXT_DATA", str(DEFAULT_DATA_ROOT))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return Path(os.environ["SF_EXT_DATA"])
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root(data_root) -> Path:
+    root = data_root / "fashion-mnist"
+    if not (root / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(
+            f"Fashion-MNIST not found under {root}; set SF_EXT_DATA to the shared data folder"
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def sf_parties():
+    """SecretFlow in debug mode (one process, no Ray) with PYUs alice, bob and charlie.
+
+    One initialization per test session: SecretFlow keeps global state, so every test that needs
+    PYUs shares these.
+    """
+    import secretflow as sf
+
+    import sf_ext
+
+    sf.init(["alice", "bob", "charlie"], debug_mode=True)
+    sf_ext.register_strategies()
+    yield sf.PYU("alice"), sf.PYU("bob"), sf.PYU("charlie")
+    sf.shutdown()
