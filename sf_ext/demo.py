@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     from sf_ext.training import build_torch_model, train_federated
 
     sf.init(["alice", "bob", "charlie"], debug_mode=True, logging_level="warning")
+    logging.getLogger().setLevel(logging.WARNING)  # sf.init resets it; keep the bar readable
     try:
         alice, bob, charlie = sf.PYU("alice"), sf.PYU("bob"), sf.PYU("charlie")
         name, spec, (train, test) = _load_parties_data(args, alice, bob)

@@ -19,6 +19,7 @@ from torch import nn
 from sf_ext.aggregators import (
     AGGREGATORS,
     AggregationReport,
+    _linalg,
     aggregate,
     detection_rates,
     geometric_median,
@@ -27,7 +28,6 @@ from sf_ext.aggregators import (
     matrix_mapping,
     rsa_step,
 )
-from sf_ext.aggregators import _linalg
 from sf_ext.aggregators import median as median_module
 from sf_ext.aggregators import sign as sign_module
 from sf_ext.params import ParamLayout
@@ -95,6 +95,14 @@ def planted_round(attack: str, seed: int = 0, n_benign=N_BENIGN, n_attack=N_ATTA
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def max_score(report: AggregationReport, rows: torch.Tensor) -> float:
+    return float(report.scores[rows].max())
+
+
+def min_score(report: AggregationReport, rows: torch.Tensor) -> float:
+    return float(report.scores[rows].min())
 
 
 # ---------------------------------------------------------------- contract and bad input
@@ -224,7 +232,9 @@ def test_krum_scores_match_brute_force():
     f = 2
     points = updates.double().numpy()
     dist = ((points[:, None] - points[None]) ** 2).sum(-1)
-    expected = np.array([np.sort(np.delete(row, i))[: 9 - f - 2].sum() for i, row in enumerate(dist)])
+    expected = np.array(
+        [np.sort(np.delete(row, i))[: 9 - f - 2].sum() for i, row in enumerate(dist)]
+    )
     result, report = aggregate("krum", updates, f=f)
     np.testing.assert_allclose(report.scores.numpy(), expected, rtol=1e-4)
     assert torch.equal(result, updates[int(np.argmin(expected))])
@@ -241,7 +251,7 @@ def test_coordinate_rules_stay_within_the_benign_range(attack, name, options):
     low, high = rnd.benign.min(dim=0).values, rnd.benign.max(dim=0).values
     assert bool(((result >= low - 1e-6) & (result <= high + 1e-6)).all())
     assert report.weights.sum().item() == pytest.approx(1.0)
-    assert float(report.scores[~rnd.is_attacker].max()) < float(report.scores[rnd.is_attacker].min())
+    assert max_score(report, ~rnd.is_attacker) < min_score(report, rnd.is_attacker)
 
 
 def test_median_and_trimmed_mean_match_references(monkeypatch):
@@ -310,7 +320,9 @@ def test_geometric_median_minimizes_sum_of_distances():
 
     results = {}
     for solver in ("gram", "direct"):
-        z, report = geometric_median(points, counts, nu=1e-9, eps=1e-12, max_iter=5000, solver=solver)
+        z, report = geometric_median(
+            points, counts, nu=1e-9, eps=1e-12, max_iter=5000, solver=solver
+        )
         assert report.details["iterations"] > 1
         results[solver] = z
         best = objective(z)
@@ -338,7 +350,7 @@ def test_sign_aggregation_neutralizes_magnitude(attack, monkeypatch):
         agreement = float((torch.sign(result) == torch.sign(rnd.benign_mean)).double().mean())
         assert agreement > 0.75
     if attack == "sign_flip":
-        assert float(report.scores[~rnd.is_attacker].max()) < float(report.scores[rnd.is_attacker].min())
+        assert max_score(report, ~rnd.is_attacker) < min_score(report, rnd.is_attacker)
 
 
 # ---------------------------------------------------------------- FLAME
@@ -425,7 +437,8 @@ def test_weighted_row_sum_reads_only_weighted_rows():
     coeffs = torch.tensor([0.5, 0.0, 0.25, 1.0, 0.0, 0.0, 2.0], dtype=torch.float64)
     assert _linalg.contiguous_runs([0, 2, 3, 6]) == [(0, 1), (2, 4), (6, 7)]
     expected = (coeffs[:, None] * updates.double().nan_to_num(0.0)).sum(dim=0)
-    torch.testing.assert_close(_linalg.weighted_row_sum(updates, coeffs).double(), expected, rtol=1e-5, atol=1e-6)
+    result = _linalg.weighted_row_sum(updates, coeffs).double()
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_detection_rates():
@@ -551,14 +564,20 @@ def test_mapping_equals_loading_the_update_into_the_model(digits_clients):
         torch.testing.assert_close(outputs[row].float(), expected, rtol=1e-5, atol=1e-6)
 
 
+def _batch_norm_mlp():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)
+    )
+
+
 def test_mapping_keeps_the_module_buffers_and_mode():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model = _batch_norm_mlp()
     model.train()
     layout = ParamLayout.from_module(model)
     updates = torch.randn(5, layout.num_params, generator=torch.Generator().manual_seed(4))
     outputs, _ = map_updates(model, updates, (16,))
     assert model.training and bool(torch.isfinite(outputs).all())
-    reference = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    reference = _batch_norm_mlp()
     state = layout.unflatten(updates[2])
     for name in ("2.running_mean", "2.running_var", "2.num_batches_tracked"):
         state[name] = model.state_dict()[name]

@@ -27,13 +27,16 @@ def as_update_matrix(updates) -> torch.Tensor:
     if isinstance(updates, (list, tuple)):
         if len(updates) == 0:
             raise ValueError("no client updates to aggregate (empty client list)")
-        rows = [torch.as_tensor(np.asarray(u) if not isinstance(u, torch.Tensor) else u) for u in updates]
+        rows = [_as_tensor(u) for u in updates]
         shapes = {tuple(r.shape) for r in rows}
         if len(shapes) != 1:
             raise ValueError(f"client updates have mismatched shapes: {sorted(shapes)}")
         if rows[0].dim() != 1:
-            raise ValueError(f"each client update must be a flat vector, got shape {tuple(rows[0].shape)}")
-        _check_float(rows[0].dtype)
+            raise ValueError(
+                f"each client update must be a flat vector, got shape {tuple(rows[0].shape)}"
+            )
+        for row in rows:
+            _check_float(row.dtype)
         updates = torch.stack([r.to(torch.float32) for r in rows])
     else:
         updates = torch.as_tensor(updates)
@@ -50,6 +53,10 @@ def as_update_matrix(updates) -> torch.Tensor:
     return updates.detach().to(torch.float32).contiguous()
 
 
+def _as_tensor(values) -> torch.Tensor:
+    return values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+
+
 def _check_float(dtype: torch.dtype) -> None:
     if not dtype.is_floating_point:
         raise TypeError(f"updates must be floating point (float32 preferred), got {dtype}")
@@ -61,7 +68,9 @@ def sample_counts(num_samples, num_clients: int) -> torch.Tensor:
         return torch.ones(num_clients, dtype=torch.float64)
     counts = torch.as_tensor(np.asarray(num_samples, dtype=np.float64)).reshape(-1)
     if counts.numel() != num_clients:
-        raise ValueError(f"num_samples has {counts.numel()} entries for {num_clients} client updates")
+        raise ValueError(
+            f"num_samples has {counts.numel()} entries for {num_clients} client updates"
+        )
     if not torch.isfinite(counts).all() or (counts < 0).any():
         raise ValueError(f"num_samples must be finite and non-negative, got {counts.tolist()}")
     if counts.sum() <= 0:
@@ -69,7 +78,9 @@ def sample_counts(num_samples, num_clients: int) -> torch.Tensor:
     return counts
 
 
-def screen_rows(updates: torch.Tensor, row_stat: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[int]]:
+def screen_rows(
+    updates: torch.Tensor, row_stat: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, List[int]]:
     """Which client rows cannot be used: they hold NaN/inf, or their statistic overflowed float32.
 
     Args:
@@ -85,9 +96,8 @@ def screen_rows(updates: torch.Tensor, row_stat: Optional[torch.Tensor] = None) 
     if row_stat is None:
         row_stat = updates.sum(dim=1)
     unusable = ~torch.isfinite(row_stat.reshape(-1))
-    overflowed = [
-        int(i) for i in unusable.nonzero().flatten().tolist() if bool(torch.isfinite(updates[i]).all())
-    ]
+    flagged = unusable.nonzero().flatten().tolist()
+    overflowed = [int(i) for i in flagged if bool(torch.isfinite(updates[i]).all())]
     return unusable.cpu(), overflowed
 
 
@@ -96,7 +106,7 @@ def screening_details(overflowed: List[int]) -> Dict[str, Any]:
 
 
 def normalized(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``values`` restricted to ``mask`` and scaled to sum to one (equal shares if they sum to 0)."""
+    """``values`` restricted to ``mask``, scaled to sum to one (equal shares if they sum to 0)."""
     out = torch.where(mask, values.to(torch.float64), torch.zeros((), dtype=torch.float64))
     total = out.sum()
     if total > 0:

@@ -73,7 +73,9 @@ def _check_noise_inputs(noise_lambda, layout, global_params, num_params):
     if not noise_lambda >= 0:
         raise ValueError(f"noise_lambda must be >= 0, got {noise_lambda}")
     if layout is not None and layout.num_params != num_params:
-        raise ValueError(f"layout describes {layout.num_params} parameters, updates have {num_params}")
+        raise ValueError(
+            f"layout describes {layout.num_params} parameters, updates have {num_params}"
+        )
     if noise_lambda > 0 and layout is None:
         raise ValueError(
             "FLAME noise goes on weight tensors only, which needs layout=ParamLayout(...) "
@@ -83,7 +85,9 @@ def _check_noise_inputs(noise_lambda, layout, global_params, num_params):
         return None
     global_params = torch.as_tensor(global_params).detach().to(torch.float32).reshape(-1)
     if global_params.numel() != num_params:
-        raise ValueError(f"global_params has {global_params.numel()} values, updates have {num_params}")
+        raise ValueError(
+            f"global_params has {global_params.numel()} values, updates have {num_params}"
+        )
     return global_params
 
 
@@ -174,7 +178,8 @@ def flame(
     weights = shares * scatter(clip, usable, num_clients, 0.0)
 
     # Suspicion: how far a client sits from the bulk of the others in direction.
-    off_diagonal = distances + torch.diag(torch.full((num_usable,), float("nan"), dtype=torch.float64))
+    off_diagonal = distances.clone()
+    off_diagonal.fill_diagonal_(float("nan"))
     scores = off_diagonal.nanmedian(dim=1).values if num_usable > 1 else torch.zeros(1)
 
     details.update(

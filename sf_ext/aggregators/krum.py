@@ -66,12 +66,15 @@ def _krum_scores(
     # Row-wise: drop the zero self-distance (the smallest entry), sum the nearest neighbours.
     nearest = torch.sort(dist, dim=1).values[:, 1 : neighbours + 1]
     scores = nearest.sum(dim=1)
-    details = {"f": f, "f_effective": f_eff, "neighbours": neighbours, **screening_details(overflowed)}
+    details = {"f": f, "f_effective": f_eff, "neighbours": neighbours}
+    details.update(screening_details(overflowed))
     return usable, scores, f_eff, details, unusable
 
 
 @torch.no_grad()
-def krum(updates, num_samples=None, *, f: Optional[int] = None) -> Tuple[torch.Tensor, AggregationReport]:
+def krum(
+    updates, num_samples=None, *, f: Optional[int] = None
+) -> Tuple[torch.Tensor, AggregationReport]:
     """Krum: the single update closest to its ``n - f - 2`` nearest neighbours.
 
     Args:

@@ -16,7 +16,6 @@ are handed to :func:`torch.func.functional_call` as views (no copy into the modu
 clients with :func:`torch.func.vmap`.
 """
 
-from collections import Counter
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -178,7 +177,9 @@ def matrix_mapping(
         return nothing_usable("matrix_mapping", num_clients, num_params, unusable, details)
 
     # Screened rows go through the network too (views cost nothing); their outputs are ignored.
-    outputs, vectorized = map_updates(model, matrix, input_shape, layout, apply_softmax, client_batch)
+    outputs, vectorized = map_updates(
+        model, matrix, input_shape, layout, apply_softmax, client_batch
+    )
     finite_output = torch.isfinite(outputs).all(dim=1)
     valid = (~unusable) & finite_output
     details.update(

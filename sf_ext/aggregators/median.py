@@ -59,19 +59,22 @@ def _sorted_middle_mean(matrix, rows, num_usable: int, trim: int):
 def _report(method, matrix, norms, unusable, usable, result, shares, details):
     num_clients = matrix.shape[0]
     weights = scatter(shares, usable, num_clients, 0.0)
+    scores = _distance_scores(matrix, norms, usable, result)
     details = dict(details, weights_meaning=_WEIGHTS_MEANING)
     return AggregationReport(
         method=method,
         kept=weights > 0,
         weights=weights,
-        scores=scatter(_distance_scores(matrix, norms, usable, result), usable, num_clients, float("inf")),
+        scores=scatter(scores, usable, num_clients, float("inf")),
         non_finite=unusable,
         details=details,
     )
 
 
 @torch.no_grad()
-def coordinate_median(updates, num_samples=None, *, midpoint: bool = False) -> Tuple[torch.Tensor, AggregationReport]:
+def coordinate_median(
+    updates, num_samples=None, *, midpoint: bool = False
+) -> Tuple[torch.Tensor, AggregationReport]:
     """Coordinate-wise median of the usable updates.
 
     Args:

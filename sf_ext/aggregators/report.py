@@ -67,7 +67,9 @@ def detection_rates(report: AggregationReport, is_attacker) -> Dict[str, float]:
     """
     attacker = torch.as_tensor(is_attacker, dtype=torch.bool).reshape(-1)
     if attacker.numel() != report.num_clients:
-        raise ValueError(f"is_attacker has {attacker.numel()} entries for {report.num_clients} clients")
+        raise ValueError(
+            f"is_attacker has {attacker.numel()} entries for {report.num_clients} clients"
+        )
     detected = ~report.kept
     tp = int((detected & attacker).sum())
     fp = int((detected & ~attacker).sum())

@@ -34,12 +34,16 @@ def _sign_pass(matrix: torch.Tensor, rows: Optional[torch.Tensor], num_rows: int
     sign_sum = torch.empty(matrix.shape[1], dtype=torch.float32)
     agreement = torch.zeros(num_rows, dtype=torch.float64)
     row_sums = torch.zeros(num_rows, dtype=torch.float64)
+    ones = torch.ones(num_rows, dtype=torch.float32)
+    buffer = None  # one reused block buffer: fresh temporaries per block cost page faults
     for cols in column_blocks(num_rows, matrix.shape[1], SIGN_BLOCK_ELEMENTS):
         block = row_block(matrix, rows, cols)
-        signs = torch.sign(block)
-        column = signs.sum(dim=0)
-        sign_sum[cols] = column
-        agreement += (signs @ torch.sign(column)).to(torch.float64)
+        if buffer is None:
+            buffer = torch.empty_like(block)
+        signs = buffer[:, : block.shape[1]]
+        torch.sign(block, out=signs)
+        column = torch.mv(signs.T, ones, out=sign_sum[cols])
+        agreement += torch.mv(signs, torch.sign(column)).to(torch.float64)
         row_sums += block.sum(dim=1).to(torch.float64)
     return sign_sum, agreement, row_sums
 

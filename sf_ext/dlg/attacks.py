@@ -217,24 +217,38 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _lbfgs_inversion(
-    attack: str,
+@dataclass
+class _Attempt:
+    """One L-BFGS start: its best iterate and how it ended."""
+
+    loss: float
+    x: torch.Tensor
+    logits: Optional[torch.Tensor]
+    status: str
+    message: str
+    steps: int
+
+
+def _lbfgs_attempt(
     matcher: GradientMatcher,
     shape: Tuple[int, ...],
     num_classes: int,
     fixed_label: Optional[torch.Tensor],
-    iters: int,
+    budget: int,
+    offset: int,
     snapshot_every: int,
-    seed: Optional[int],
+    gen: torch.Generator,
     device: torch.device,
     lbfgs_options: Optional[dict],
-    stop_when_stuck: bool = True,
-) -> AttackResult:
-    """L-BFGS on the dummy input (and soft label when ``fixed_label`` is None)."""
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    start = time.perf_counter()
-    gen = _generator(seed)
+    stop_when_stuck: bool,
+    history: List[float],
+    snapshots: List[Tuple[int, torch.Tensor]],
+) -> _Attempt:
+    """Run L-BFGS from a fresh random dummy for at most ``budget`` steps.
+
+    ``history`` and ``snapshots`` are appended to, with iterations counted from ``offset`` so that
+    several attempts share one timeline.
+    """
     x = torch.randn(shape, generator=gen).to(device).requires_grad_(True)
     variables = [x]
     label_logits = None
@@ -242,8 +256,6 @@ def _lbfgs_inversion(
         label_logits = torch.randn((shape[0], num_classes), generator=gen).to(device)
         label_logits.requires_grad_(True)
         variables.append(label_logits)
-    else:
-        fixed_label = fixed_label.to(device)
     optimizer = torch.optim.LBFGS(variables, **(lbfgs_options or {}))
 
     def target():
@@ -258,29 +270,26 @@ def _lbfgs_inversion(
             var.grad = grad
         return loss
 
-    history: List[float] = []
-    snapshots: List[Tuple[int, torch.Tensor]] = []
-    best = (math.inf, x.detach().clone(), None if label_logits is None else label_logits.detach())
-    status, message, done = STATUS_COMPLETED, f"ran {iters} L-BFGS steps", 0
-    stuck_steps = 0
-    for it in range(iters):
-        before = [v.detach().clone() for v in variables]
+    def snapshot():
+        return [v.detach().clone() for v in variables] + [None] * (2 - len(variables))
+
+    best_loss, (best_x, best_logits) = math.inf, snapshot()
+    status, message, steps, stuck_steps = STATUS_COMPLETED, f"ran {budget} L-BFGS steps", 0, 0
+    for it in range(budget):
+        before = snapshot()
         loss_before = float(optimizer.step(closure))  # loss at the input the step started from
-        if math.isfinite(loss_before) and loss_before < best[0]:
-            best = (loss_before, before[0], before[1] if len(before) > 1 else None)
+        if math.isfinite(loss_before) and loss_before < best_loss:
+            best_loss, best_x, best_logits = loss_before, before[0], before[1]
         if not math.isfinite(loss_before) or not _all_finite(*variables):
-            with torch.no_grad():
-                for var, old in zip(variables, before):
-                    var.copy_(old)
             status = STATUS_DIVERGED
-            message = f"L-BFGS diverged at step {it} (non-finite loss or input); kept the last finite input"
-            done = it
+            message = f"L-BFGS diverged at step {offset + it} (non-finite loss or input)"
+            steps = it
             break
         if it > 0:
-            history.append(loss_before)  # history[k] is the loss after step k
-        done = it + 1
-        if it % snapshot_every == 0:
-            snapshots.append((it, x.detach().cpu().clone()))
+            history.append(loss_before)  # the loss after the previous step
+        steps = it + 1
+        if (offset + it) % snapshot_every == 0:
+            snapshots.append((offset + it, x.detach().cpu().clone()))
         moved = not all(torch.equal(v.detach(), old) for v, old in zip(variables, before))
         stuck_steps = 0 if moved or it == 0 else stuck_steps + 1
         if stuck_steps >= 2 and stop_when_stuck:
@@ -288,36 +297,95 @@ def _lbfgs_inversion(
             # curvature memory is fixed too, so every later step would repeat it exactly;
             # stopping changes nothing but the wall time.
             status = STATUS_STOPPED
-            message = f"L-BFGS stopped moving after {it + 1} steps at loss {loss_before:.4g}"
+            message = f"L-BFGS stopped moving after {offset + it + 1} steps"
+            break
+    if status != STATUS_DIVERGED:
+        final = float(matcher(x, target(), create_graph=False).detach())
+        if math.isfinite(final):
+            history.append(final)
+            if final <= best_loss:
+                best_loss, (best_x, best_logits) = final, snapshot()[:2]
+    return _Attempt(best_loss, best_x, best_logits, status, message, steps)
+
+
+def _lbfgs_inversion(
+    attack: str,
+    matcher: GradientMatcher,
+    shape: Tuple[int, ...],
+    num_classes: int,
+    fixed_label: Optional[torch.Tensor],
+    iters: int,
+    snapshot_every: int,
+    seed: Optional[int],
+    device: torch.device,
+    lbfgs_options: Optional[dict],
+    stop_when_stuck: bool,
+    restarts: int,
+    restart_above: float,
+) -> AttackResult:
+    """L-BFGS on the dummy input (and soft label when ``fixed_label`` is None), restarting from a
+    new random dummy while a start stops or diverges at a high loss and steps remain."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    start = time.perf_counter()
+    gen = _generator(seed)
+    fixed_label = None if fixed_label is None else fixed_label.to(device)
+    # What "stuck at a bad point" means, relative to the size of what is matched.
+    bad_loss = restart_above * matcher.target_norm**2
+    history: List[float] = []
+    snapshots: List[Tuple[int, torch.Tensor]] = []
+    attempts: List[_Attempt] = []
+    used = 0
+    while used < iters:
+        attempt = _lbfgs_attempt(
+            matcher,
+            shape,
+            num_classes,
+            fixed_label,
+            iters - used,
+            used,
+            snapshot_every,
+            gen,
+            device,
+            lbfgs_options,
+            stop_when_stuck,
+            history,
+            snapshots,
+        )
+        attempts.append(attempt)
+        used += max(1, attempt.steps)
+        good = math.isfinite(attempt.loss) and attempt.loss <= bad_loss
+        if good or attempt.status == STATUS_COMPLETED or len(attempts) > restarts:
             break
 
-    final_loss = float(matcher(x, target(), create_graph=False).detach())
-    if status != STATUS_DIVERGED and math.isfinite(final_loss):
-        history.append(final_loss)
-        if final_loss <= best[0]:
-            best = (final_loss, x.detach().clone(), None if label_logits is None else label_logits)
-    if not math.isfinite(best[0]):
-        # Not even the starting point had a finite loss: report it, do not hide it.
-        best = (best[0], before[0], before[1] if len(before) > 1 else None)
+    best = min(attempts, key=lambda a: a.loss if math.isfinite(a.loss) else math.inf)
+    status, message = best.status, best.message
+    if not math.isfinite(best.loss):
         status, message = STATUS_DIVERGED, "diverged: the gradient-matching loss was never finite"
-    best_loss, best_x, best_logits = best
+    elif best.status == STATUS_DIVERGED:
+        message += "; returned its last finite iterate"
+    if len(attempts) > 1:
+        message += f" (best of {len(attempts)} starts)"
     # A dummy that ran off to huge values saturates sigmoids and stalls: worth seeing in reports.
-    details: Dict[str, object] = {"input_abs_max": float(best_x.detach().abs().max())}
+    details: Dict[str, object] = {
+        "input_abs_max": float(best.x.abs().max()),
+        "attempts": [(a.steps, a.loss, a.status) for a in attempts],
+    }
     if fixed_label is None:
-        soft = F.softmax(best_logits.detach(), dim=-1).cpu()
+        soft = F.softmax(best.logits, dim=-1).cpu()
         label = soft.argmax(dim=-1)
         details["soft_label"] = soft
     else:
         label = fixed_label.detach().cpu()
     return AttackResult(
         attack=attack,
-        reconstruction=best_x.detach().cpu(),
+        reconstruction=best.x.cpu(),
         label=label,
         loss_history=history,
         snapshots=snapshots,
         status=status,
-        iterations=done,
-        final_loss=best_loss,
+        iterations=used,
+        final_loss=best.loss,
         wall_time_s=time.perf_counter() - start,
         message=message,
         details=details,
@@ -338,6 +406,8 @@ def dlg(
     loss_fn: Callable = soft_cross_entropy,
     lbfgs_options: Optional[dict] = None,
     stop_when_stuck: bool = True,
+    restarts: int = 3,
+    restart_above: float = 1e-3,
 ) -> AttackResult:
     """Deep Leakage from Gradients: optimize a dummy input and soft label with L-BFGS.
 
@@ -353,8 +423,13 @@ def dlg(
         device: Where to run (default: the model's device).
         loss_fn: The client's training loss (see :class:`GradientMatcher`).
         lbfgs_options: Keyword arguments for ``torch.optim.LBFGS`` (defaults as in the original).
-        stop_when_stuck: End the run once an L-BFGS step leaves every variable bit-for-bit
-            unchanged (its state then no longer changes, so later steps would repeat it).
+        stop_when_stuck: End a start once two L-BFGS steps in a row leave every variable
+            bit-for-bit unchanged (later steps would repeat them exactly).
+        restarts: Extra random starts allowed when a start stops or diverges with its loss above
+            ``restart_above`` times the squared norm of the matched gradient. All starts share
+            the ``iters`` budget and the best (lowest loss) is returned, so the attacker uses
+            only what it can see. ``0`` is the original single-start DLG.
+        restart_above: Relative loss above which a stopped start counts as failed.
 
     Returns:
         :class:`AttackResult`; the reconstruction is the iterate with the lowest matching loss.
@@ -373,6 +448,8 @@ def dlg(
         _device_of(model, device),
         lbfgs_options,
         stop_when_stuck,
+        restarts,
+        restart_above,
     )
 
 
@@ -391,6 +468,8 @@ def idlg(
     loss_fn: Callable = soft_cross_entropy,
     lbfgs_options: Optional[dict] = None,
     stop_when_stuck: bool = True,
+    restarts: int = 3,
+    restart_above: float = 1e-3,
 ) -> AttackResult:
     """Improved DLG: labels from :func:`infer_labels`, then L-BFGS on the input only.
 
@@ -413,6 +492,8 @@ def idlg(
         _device_of(model, device),
         lbfgs_options,
         stop_when_stuck,
+        restarts,
+        restart_above,
     )
     result.details["inferred_label"] = inferred
     return result
