@@ -33,6 +33,9 @@ def fashion_mnist_root(data_root) -> Path:
     return root
 
 
+PARTIES = ("alice", "bob", "charlie", "carol", "dave")
+
+
 @pytest.fixture(scope="session")
 def sf_parties():
     """SecretFlow in debug mode (one process, no Ray) with PYUs alice, bob and charlie.
@@ -44,7 +47,15 @@ def sf_parties():
 
     import sf_ext
 
-    sf.init(["alice", "bob", "charlie"], debug_mode=True)
+    sf.init(list(PARTIES), debug_mode=True)
     sf_ext.register_strategies()
     yield sf.PYU("alice"), sf.PYU("bob"), sf.PYU("charlie")
     sf.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sf_clients(sf_parties):
+    """Four client PYUs (alice, bob, carol, dave) and the server PYU charlie, in debug mode."""
+    import secretflow as sf
+
+    return [sf.PYU(p) for p in ("alice", "bob", "carol", "dave")], sf.PYU("charlie")

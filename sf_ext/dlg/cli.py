@@ -68,6 +68,12 @@ def _add_attack_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=1, help="images per gradient")
     parser.add_argument("--image-index", type=int, default=None, help="fixed test image index")
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=3,
+        help="extra L-BFGS starts of dlg/idlg within --iters (0: original single start)",
+    )
     parser.add_argument("--ig-restarts", type=int, default=2, help="restarts of the ig attack")
     parser.add_argument(
         "--capture",
@@ -153,6 +159,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         snapshot_every=args.snapshot_every,
         batch_size=args.batch_size,
         image_index=args.image_index,
+        restarts=args.restarts,
         ig_restarts=args.ig_restarts,
         captures=tuple(args.capture),
         source=args.source,

@@ -83,6 +83,8 @@ class SweepConfig:
         batch_size: Images per attacked gradient in the ``"dlg"`` setting.
         image_index: First test image of every seed (``None``: seed ``s`` uses images from
             ``s * batch_size``).
+        restarts: Extra L-BFGS starts of ``dlg``/``idlg`` within the step budget (0: original
+            single start).
         ig_restarts: Restarts of the ``ig`` attack.
         captures: Capture folders; when given, the ``"captured"`` setting is swept instead.
         source: ``"gradient"`` or ``"update"`` (captured setting only).
@@ -102,6 +104,7 @@ class SweepConfig:
     snapshot_every: int = 10
     batch_size: int = 1
     image_index: Optional[int] = None
+    restarts: int = 3
     ig_restarts: int = 2
     captures: Sequence[str] = ()
     source: str = "gradient"
@@ -246,8 +249,7 @@ def run_one(
     }
     if target.loss_fn is not None:
         options["loss_fn"] = target.loss_fn
-    if attack == "ig":
-        options["restarts"] = config.ig_restarts
+    options["restarts"] = config.ig_restarts if attack == "ig" else config.restarts
     shape = tuple(target.truth.shape)
     return run_attack(attack, target.model, observed, shape, target.num_classes, **options)
 
