@@ -12,8 +12,8 @@ seconds and ratios with the targets of issue 4:
 * matrix mapping: detection time per client (one forward pass of one input each).
 
 Peak memory (``--memory``, on by default for the largest case) runs each aggregator in its own
-subprocess and reads ``ru_maxrss`` (torch allocations are invisible to tracemalloc): the peak resident
-size above the pre-allocation baseline, in units of the update matrix (target <= 3x, the matrix
+subprocess and reads the peak resident size (torch allocations are invisible to tracemalloc): the
+peak above the pre-allocation baseline, in units of the update matrix (target <= 3x, the matrix
 itself included).
 
 Usage:
@@ -164,7 +164,9 @@ def run_case(n: int, d: int, methods: List[str], repeats: int) -> List[Dict]:
         if name == "matrix_mapping":
             model = MappedMLP(d)
             detect, _ = best_time(lambda: map_updates(model, matrix, INPUT_SHAPE), repeats)
-            row["notes"] = f"detection {detect / n * 1e3:.2f} ms/client ({detect / floors['mean']:.2f}x mean)"
+            per_client_ms = detect / n * 1e3
+            versus_mean = detect / floors["mean"]
+            row["notes"] = f"detection {per_client_ms:.2f} ms/client ({versus_mean:.2f}x mean)"
         rows.append(row)
     del matrix
     return rows
@@ -205,8 +207,17 @@ def markdown(rows: List[Dict]) -> str:
 
 
 def _max_rss_bytes() -> int:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident size. ``VmHWM`` belongs to the process image, whereas
+    ``ru_maxrss`` carries the parent's peak over fork and exec (a child of a big run would report
+    the parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def memory_child(name: str, n: int, d: int) -> None:
@@ -224,12 +235,17 @@ def memory_child(name: str, n: int, d: int) -> None:
     call()
     peak = _max_rss_bytes()
     size = matrix.numel() * matrix.element_size()
-    print(json.dumps({"peak_x_matrix": (peak - before) / size, "extra_x_matrix": (peak - after_matrix) / size}))
+    stats = {
+        "peak_x_matrix": (peak - before) / size,
+        "extra_x_matrix": (peak - after_matrix) / size,
+    }
+    print(json.dumps(stats))
 
 
 def memory_table(n: int, d: int, methods: List[str]) -> str:
     lines = [
-        f"Peak memory at n={n}, d={d:,} (matrix {n * d * 4 / 2**30:.2f} GiB), one process per method:",
+        f"Peak memory at n={n}, d={d:,} (matrix {n * d * 4 / 2**30:.2f} GiB), "
+        "one process per method:",
         "",
         "| method | peak / matrix (matrix included) | beyond the matrix / matrix | target <= 3x |",
         "|---|---:|---:|---|",
@@ -238,7 +254,8 @@ def memory_table(n: int, d: int, methods: List[str]) -> str:
         command = [sys.executable, __file__, "--memory-child", name, "--n", str(n), "--d", str(d)]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         stats = json.loads(out.strip().splitlines()[-1])
-        verdict = "" if name.startswith("floor") else ("ok" if stats["peak_x_matrix"] <= 3 else "MISSED")
+        verdict = "ok" if stats["peak_x_matrix"] <= 3 else "MISSED"
+        verdict = "" if name.startswith("floor") else verdict
         lines.append(
             f"| {name} | {stats['peak_x_matrix']:.2f} | {stats['extra_x_matrix']:.2f} | {verdict} |"
         )
@@ -257,9 +274,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
         "--memory",
-        choices=["auto", "on", "off"],
+        choices=["auto", "on", "off", "only"],
         default="auto",
-        help="peak-memory subprocesses for the largest case (auto: only when n>=100, d>=3.5M)",
+        help="peak-memory subprocesses for the largest case (auto: only when n>=100, d>=3.5M; "
+        "only: skip the timings)",
     )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -274,14 +292,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    warm_up(args.methods)
-    rows = []
-    for d in args.d:
-        for n in args.n:
-            rows.extend(run_case(n, d, args.methods, args.repeats))
-    print(markdown(rows))
+    if args.memory != "only":
+        warm_up(args.methods)
+        rows = []
+        for d in args.d:
+            for n in args.n:
+                rows.extend(run_case(n, d, args.methods, args.repeats))
+        print(markdown(rows))
     n_max, d_max = max(args.n), max(args.d)
-    if args.memory == "on" or (args.memory == "auto" and n_max >= 100 and d_max >= 3_500_000):
+    big = n_max >= 100 and d_max >= 3_500_000
+    if args.memory in ("on", "only") or (args.memory == "auto" and big):
         print()
         print(memory_table(n_max, d_max, args.methods))
 

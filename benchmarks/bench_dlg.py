@@ -113,12 +113,15 @@ def main(argv=None) -> int:
     rows = [time_seed(int(s), args.repeats, args.data_root) for s in args.seeds.split(",")]
     print(f"{'seed':>4} {'variant':<20} {'time s':>7} {'ratio':>6} {'PSNR dB':>8} {'steps':>5}")
     for row in rows:
-        print(f"{row['seed']:>4} {'reference':<20} {row['reference_s']:>7.2f} {1:>6.2f} "
-              f"{row['reference_psnr']:>8.1f} {ITERS:>5}")
+        print(
+            f"{row['seed']:>4} {'reference':<20} {row['reference_s']:>7.2f} {1:>6.2f} "
+            f"{row['reference_psnr']:>8.1f} {ITERS:>5}"
+        )
         for name in VARIANTS:
             print(
                 f"{row['seed']:>4} {name:<20} {row[name + '_s']:>7.2f} "
-                f"{row[name + '_ratio']:>6.2f} {row[name + '_psnr']:>8.1f} {row[name + '_steps']:>5}"
+                f"{row[name + '_ratio']:>6.2f} {row[name + '_psnr']:>8.1f} "
+                f"{row[name + '_steps']:>5}"
             )
     total_ref = sum(r["reference_s"] for r in rows)
     report = {"single_run": rows, "threads": args.threads, "repeats": args.repeats}

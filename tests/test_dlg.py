@@ -248,7 +248,8 @@ def test_capture_from_fed_avg_w_prune_loads_back_and_reproduces_the_gradient(
     for recomputed, recorded in zip(captured.recompute_gradient(), captured.gradient):
         assert torch.allclose(recomputed, recorded, atol=1e-6)
     # One SGD step under a fixed mask: the upload shows exactly the masked gradient.
-    for update, grad, mask in zip(captured.update_as_gradient(), captured.gradient, captured.masks()):
+    as_gradient = captured.update_as_gradient()
+    for update, grad, mask in zip(as_gradient, captured.gradient, captured.masks()):
         expected = grad if mask is None else grad * mask
         assert torch.allclose(update, expected, atol=1e-4)
     kept = [m.float().mean().item() for m in captured.masks() if m is not None]

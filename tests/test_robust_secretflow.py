@@ -125,3 +125,60 @@ def test_every_core_rule_has_an_adapter():
     from sf_ext.aggregators import AGGREGATORS
 
     assert set(AGGREGATORS) - {"xmam"} == set(ROBUST_AGGREGATORS)
+
+
+def _fit_with_attacker(aggregator, clients, server, data, attack, epochs=2):
+    from sf_ext.strategies import enable_attack
+
+    (train_x, train_y), test = data
+    fl = FLModel(
+        server=server,
+        device_list=clients,
+        model=build_torch_model(LeNet, lr=3e-3),
+        aggregator=aggregator,
+        strategy="fed_avg_w_attack",
+        backend="torch",
+        random_seed=0,
+    )
+    enable_attack(fl, "dave", attack, scale=-4.0)
+    history = fl.fit(
+        train_x,
+        train_y,
+        validation_data=test,
+        epochs=epochs,
+        batch_size=64,
+        aggregate_freq=4,
+        verbose=0,
+    )
+    return history["global_history"]["val_multiclassaccuracy"][-1]
+
+
+def test_attacking_party_breaks_fedavg_but_not_flame(sf_clients, four_client_data):
+    """dave uploads -4x his honest update every round (the paper's sign flip)."""
+    clients, server = sf_clients
+    plain = _fit_with_attacker(
+        SecureAggregator(server, clients), clients, server, four_client_data, "sign_flip"
+    )
+    flame = FlameAggregator(server, clients)
+    defended = _fit_with_attacker(flame, clients, server, four_client_data, "sign_flip")
+    assert defended >= 0.75 and plain <= defended - 0.2, (plain, defended)
+    dave_kept = [r["kept"][r["parties"].index("dave")] for r in flame.reports()]
+    assert sum(dave_kept) <= 0.1 * len(dave_kept)
+
+
+def test_enable_attack_refuses_what_one_client_cannot_do(sf_clients):
+    from sf_ext.strategies import enable_attack
+
+    clients, server = sf_clients
+    fl = FLModel(
+        server=server,
+        device_list=clients,
+        model=build_torch_model(LeNet, lr=3e-3),
+        aggregator=SecureAggregator(server, clients),
+        strategy="fed_avg_w_attack",
+        backend="torch",
+    )
+    with pytest.raises(ValueError, match="cannot run inside one client"):
+        enable_attack(fl, "dave", "min_max")
+    with pytest.raises(ValueError, match="not a client"):
+        enable_attack(fl, "mallory", "sign_flip")

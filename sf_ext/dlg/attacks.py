@@ -108,7 +108,8 @@ class GradientMatcher:
             raise ValueError("the observed gradient has no tensors")
         self.params = [params[i] for i in self.indices]
         self.masks = [
-            None if mask_list[i] is None else mask_list[i].to(targets[i].dtype) for i in self.indices
+            None if mask_list[i] is None else mask_list[i].to(targets[i].dtype)
+            for i in self.indices
         ]
         # The mask-aware attacker never looks at pruned entries of the target either.
         self.targets = [
@@ -123,7 +124,7 @@ class GradientMatcher:
         return torch.autograd.grad(loss, self.params, create_graph=create_graph)
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor, create_graph: bool = True):
-        """Gradient distance of dummy input ``x`` with label ``target`` (indices or probabilities)."""
+        """Gradient distance of dummy input ``x`` with label ``target`` (indices or soft labels)."""
         grads = self.dummy_gradient(x, target, create_graph)
         if self.distance == "l2":
             total = 0.0

@@ -143,7 +143,9 @@ class CaptureMixin:
         self._capture["sent"] = _numpy_list(sent)
         masks = getattr(sent, "masks", None)
         self._capture["sent_masks"] = (
-            None if masks is None else [None if m is None else np.array(m, dtype=bool) for m in masks]
+            None
+            if masks is None
+            else [None if m is None else np.array(m, dtype=bool) for m in masks]
         )
         self._capture["meta"]["num_samples"] = int(num_sample)
         if hasattr(self, "get_kept_fraction"):

@@ -109,7 +109,7 @@ class CapturedRound:
         return observe_gradient(model, self.x, self.y, self.loss_fn())
 
     # --- what the attacker sees -----------------------------------------------------------
-    def _state_to_params(self, tensors: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+    def _state_to_params(self, tensors: List[Optional[torch.Tensor]]) -> List:
         by_name = dict(zip(self.state_names, tensors))
         return [by_name.get(name) for name in self.param_names]
 
@@ -124,7 +124,7 @@ class CapturedRound:
         return self._state_to_params([s - b for s, b in zip(sent, start)])
 
     def update_as_gradient(self, lr: Optional[float] = None) -> List[torch.Tensor]:
-        """:meth:`update` read as a gradient (``-update / lr``; ``lr`` defaults to the recorded one).
+        """:meth:`update` read as a gradient: ``-update / lr`` (default: the recorded ``lr``).
 
         Exact for one plain SGD step (``aggregate_freq=1``, no momentum); otherwise an
         approximation whose direction the cosine attack can still use.

@@ -30,7 +30,7 @@ def _ints(text: str) -> List[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from exc
 
 
 def _names(choices: Sequence[str]):

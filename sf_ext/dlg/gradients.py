@@ -1,7 +1,7 @@
 """What the attacker observes: a client's gradient (or weight update), optionally pruned.
 
 Everything here works on lists of tensors aligned with ``model.parameters()``. Pruning goes through
-:func:`sf_ext.pruning.masked_tensors`, the same per-layer magnitude rule ``fed_avg_w_prune`` uses, so
+:func:`sf_ext.pruning.masked_tensors`, the per-layer magnitude rule ``fed_avg_w_prune`` uses, so
 biases are never pruned and exactly ``round(keep * size)`` entries of each weight tensor are kept.
 """
 
@@ -57,7 +57,9 @@ def align_to_parameters(
         if dtype is not None:
             tensor = tensor.to(dtype)
         if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
+            )
         out.append(tensor)
     return out
 

@@ -33,7 +33,7 @@ def mse(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for data range 1: ``10 * log10(1 / MSE)``; ``inf`` for a perfect copy."""
+    """Per-image PSNR in dB for data range 1, ``10 * log10(1 / MSE)`` (``inf`` for a copy)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     recon, truth = _as_batch(recon).clamp(0, 1), _as_batch(truth)

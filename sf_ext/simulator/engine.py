@@ -34,9 +34,6 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
 
-# Untargeted attacks that ignore the attacker's honest update: their local training is skipped.
-_NO_TRAINING_ATTACKS = ("same_value", "gaussian")
-
 
 def round_seed(seed: int, round_index: int, stream: int = 0) -> int:
     """A 63-bit seed for one round (and one random stream) derived from the run's seed.
@@ -243,10 +240,17 @@ class Simulator:
                 plan.pgd_every = beh.pgd_every
                 plan.lr = lr if beh.lr is None else beh.lr * cfg.lr_decay**self.round
                 plan.epochs = cfg.local_epochs if beh.local_epochs is None else beh.local_epochs
-            elif attacker and cfg.attack in _NO_TRAINING_ATTACKS:
+            elif attacker and self._attack_ignores_training():
                 plan.steps = 0
             plans.append(plan)
         return plans
+
+    def _attack_ignores_training(self) -> bool:
+        """Whether the attack replaces the honest update outright (its training is skipped)."""
+        cfg = self.config
+        if cfg.attack == "gaussian":
+            return not cfg.attack_options.get("additive", False)
+        return cfg.attack == "same_value"
 
     def _attack_updates(self, updates, is_attacker, num_samples, generator):
         cfg = self.config
@@ -266,6 +270,17 @@ class Simulator:
                 "input_shape": self.data.input_shape,
                 "layout": self.layout,
             }
+            if "return_details" in inspect.signature(fn).parameters:
+                # Searched attacks report what they found (the adaptive attack's lambda).
+                out, info = fn(
+                    updates,
+                    mask,
+                    **_accepted(fn, extras),
+                    return_details=True,
+                    **cfg.attack_options,
+                )
+                self._attack_info = {"attack_lambda": info.lam}
+                return out
             return fn(updates, mask, **_accepted(fn, extras), **cfg.attack_options)
         if self.behaviour is not None and (
             self.behaviour.model_replacement or self.behaviour.pgd_radius is not None
@@ -312,6 +327,7 @@ class Simulator:
         t0 = time.perf_counter()
         rng = np.random.default_rng(round_seed(cfg.seed, self.round, 0))
         generator = torch.Generator().manual_seed(round_seed(cfg.seed, self.round, 1))
+        self._attack_info: Dict[str, Any] = {}
         clients, is_attacker = self.sample_clients(rng)
         plans = self._plans(clients, is_attacker, rng)
         weights = self.trainer.train(self.global_params, plans, rng, batched=self.batched)
@@ -346,6 +362,7 @@ class Simulator:
         }
         if divergence:
             record["divergence"] = divergence
+        record.update(self._attack_info)
         if report is not None:
             rates = detection_rates(report, is_attacker)
             record.update({k: rates[k] for k in ("tpr", "fpr", "tp", "fp", "fn", "tn")})

@@ -20,6 +20,7 @@ CSV_FIELDS = (
     "accuracy",
     "backdoor_accuracy",
     "accuracy_last3_mean",
+    "backdoor_accuracy_max",
     "tpr",
     "fpr",
     "diverged",
@@ -41,7 +42,15 @@ def write_csv(path: str, cells: Sequence[Cell], results: Dict[str, Dict[str, Any
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for cell in cells:
-            final = results.get(cell.key, {}).get("final", {})
+            result = results.get(cell.key, {})
+            final = dict(result.get("final", {}))
+            # The worst round matters for a backdoor, not only the last one.
+            peaks = [
+                h["backdoor_accuracy"]
+                for h in result.get("history", [])
+                if h.get("backdoor_accuracy") is not None
+            ]
+            final["backdoor_accuracy_max"] = max(peaks) if peaks else None
             cfg = cell.config
             writer.writerow(
                 {
@@ -50,7 +59,7 @@ def write_csv(path: str, cells: Sequence[Cell], results: Dict[str, Dict[str, Any
                     "aggregator": cfg.aggregator,
                     "attack": cfg.attack or "",
                     "attacker_fraction": cfg.attacker_fraction,
-                    **{k: _fmt(final.get(k)) for k in CSV_FIELDS[5:14]},
+                    **{k: _fmt(final.get(k)) for k in CSV_FIELDS[5:15]},
                     "cell": cell.key,
                 }
             )
@@ -102,6 +111,9 @@ def markdown_tables(
     return "\n".join(lines) + "\n"
 
 
+_STYLES = ("-", "--", "-.", ":")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "row"
 
@@ -133,10 +145,12 @@ def write_plots(
         axes = list(axes) if targeted else [axes]
         for c, column in enumerate(grid.columns):
             history = results.get(by_pos[(r, c)].key, {}).get("history", [])
-            label = str(column.get("label", c))
-            axes[0].plot(*_series(history, "accuracy"), label=label)
+            # Line styles cycle too: rules that coincide (NDC = FedAvg when nothing is clipped)
+            # must stay visible under each other.
+            style = {"label": str(column.get("label", c)), "linestyle": _STYLES[c % len(_STYLES)]}
+            axes[0].plot(*_series(history, "accuracy"), **style)
             if targeted:
-                axes[1].plot(*_series(history, "backdoor_accuracy"), label=label)
+                axes[1].plot(*_series(history, "backdoor_accuracy"), **style)
         axes[0].set_ylabel("test accuracy (%)")
         if targeted:
             axes[1].set_ylabel("backdoor accuracy (%)")

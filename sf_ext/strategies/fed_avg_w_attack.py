@@ -1,0 +1,85 @@
+"""``fed_avg_w_attack``: ``fed_avg_w`` where chosen parties manipulate their uploads.
+
+Every client runs honest FedAvg-on-weights until it is told to attack (remotely, per party, with
+:func:`enable_attack`). An attacking client trains as usual, takes its update against the global
+weights it last received, replaces it with the update attack from :mod:`sf_ext.attacks` and uploads
+``global + attacked update``. This puts the attacks of the robustness experiments inside a real
+``FLModel`` run, so the robust aggregators can be checked against them in SecretFlow itself.
+
+Attacks that need other clients' updates (LIE, min-max, the adaptive attack) cannot run inside one
+client and are refused; use the simulator for those. Data-poisoning backdoors need no strategy:
+give the attacking party a poisoned partition (see :mod:`sf_ext.attacks.backdoor_data`).
+"""
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from secretflow_fl.ml.nn.fl.backend.torch.strategy.fed_avg_w import FedAvgW
+
+from sf_ext.params import ParamLayout
+
+#: Update attacks one client can mount alone (no view of other clients' updates).
+SINGLE_CLIENT_ATTACKS = ("sign_flip", "same_value", "gaussian")
+
+
+class FedAvgWAttack(FedAvgW):
+    """FedAvg-on-weights client that can be switched to a Byzantine upload."""
+
+    def __init__(self, builder_base, random_seed=None, skip_bn=False, **kwargs):
+        super().__init__(builder_base, random_seed=random_seed, skip_bn=skip_bn, **kwargs)
+        self._attack: Optional[Tuple[str, dict]] = None
+        self._received: Optional[torch.Tensor] = None
+        self._generator = torch.Generator().manual_seed(0 if random_seed is None else random_seed)
+
+    def set_attack(self, name: str, **options) -> None:
+        """Make this client attack with ``sf_ext.attacks.UPDATE_ATTACKS[name]`` (None: honest)."""
+        if name is not None and name not in SINGLE_CLIENT_ATTACKS:
+            raise ValueError(
+                f"attack {name!r} cannot run inside one client; choose one of "
+                f"{SINGLE_CLIENT_ATTACKS} (or use the simulator)"
+            )
+        self._attack = None if name is None else (name, options)
+
+    def _layout(self) -> ParamLayout:
+        return ParamLayout.from_arrays(self.get_weights(return_numpy=True))
+
+    def set_weights(self, weights):
+        super().set_weights(weights)
+        # What the server sent: the reference an update is measured against.
+        self._received = self._layout().flatten(weights)
+
+    def train_step(
+        self, weights, cur_steps: int, train_steps: int, **kwargs
+    ) -> Tuple[np.ndarray, int]:
+        """Train honestly, then replace the update if this client attacks."""
+        if self._received is None:  # first round before any aggregate: own initial weights
+            self._received = self._layout().flatten(self.get_weights(return_numpy=True))
+        honest, num_sample = super().train_step(weights, cur_steps, train_steps, **kwargs)
+        if self._attack is None:
+            return honest, num_sample
+        from sf_ext.attacks import UPDATE_ATTACKS
+
+        name, options = self._attack
+        layout = ParamLayout.from_arrays(honest)
+        update = (layout.flatten(honest) - self._received).unsqueeze(0)
+        if name == "same_value":
+            options = {"global_params": self._received, **options}
+        if name == "gaussian":
+            options = {"generator": self._generator, **options}
+        attacked = UPDATE_ATTACKS[name](update, [True], **options)[0]
+        return layout.unflatten_numpy(self._received + attacked), num_sample
+
+
+def enable_attack(fl_model, party: str, name: str, **options) -> None:
+    """Switch the client ``party`` of an ``FLModel(strategy="fed_avg_w_attack")`` to attack."""
+    import secretflow as sf
+
+    if name not in SINGLE_CLIENT_ATTACKS:
+        raise ValueError(
+            f"attack {name!r} cannot run inside one client; choose one of {SINGLE_CLIENT_ATTACKS}"
+        )
+    workers = {device.party: worker for device, worker in fl_model._workers.items()}
+    if party not in workers:
+        raise ValueError(f"{party!r} is not a client of this FLModel; clients: {sorted(workers)}")
+    sf.wait(workers[party].set_attack(name, **options))
