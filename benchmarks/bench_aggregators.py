@@ -189,6 +189,7 @@ def markdown(rows: List[Dict]) -> str:
         "|---:|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
+
         def ratio(key):
             return f"{row[key]:.2f}" if key in row else ""
 

@@ -26,9 +26,9 @@ from sf_ext.aggregators import (
     get_aggregator,
     map_updates,
     matrix_mapping,
-    rsa_step,
 )
 from sf_ext.aggregators import median as median_module
+from sf_ext.aggregators import rsa_step
 from sf_ext.aggregators import sign as sign_module
 from sf_ext.params import ParamLayout
 

@@ -20,7 +20,22 @@ from sf_ext.aggregators.report import AggregationReport, detection_rates
 from sf_ext.aggregators.sign import rsa_step, sign_aggregate
 
 # SecretFlow-backed names -> the submodule defining them (imported on first use only).
-_LAZY = {"SecurePruneAggregator": "sf_ext.aggregators.secure_prune"}
+_ROBUST = "sf_ext.aggregators.robust_secretflow"
+_LAZY = {
+    "SecurePruneAggregator": "sf_ext.aggregators.secure_prune",
+    "RobustAggregator": _ROBUST,
+    "FedAvgAggregator": _ROBUST,
+    "KrumAggregator": _ROBUST,
+    "MultiKrumAggregator": _ROBUST,
+    "MedianAggregator": _ROBUST,
+    "TrimmedMeanAggregator": _ROBUST,
+    "NormClippingAggregator": _ROBUST,
+    "GeometricMedianAggregator": _ROBUST,
+    "SignAggregator": _ROBUST,
+    "FlameAggregator": _ROBUST,
+    "MatrixMappingAggregator": _ROBUST,
+    "ROBUST_AGGREGATORS": _ROBUST,
+}
 
 __all__ = [
     "AGGREGATORS",
