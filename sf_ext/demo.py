@@ -32,14 +32,21 @@ def parse_args(argv=None):
         "--dataset", default="fashion-mnist", help="dataset; falls back to digits if absent"
     )
     parser.add_argument("--limit", type=int, default=12000, help="training samples (0: all)")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--aggregate-freq", type=int, default=4, help="local steps per round")
-    parser.add_argument("--prune-percent", type=float, default=20)
-    parser.add_argument("--prune-end-rate", type=float, default=0.3)
+    parser.add_argument("--aggregate-freq", type=int, default=2, help="local steps per round")
+    parser.add_argument("--prune-percent", type=float, default=5, help="as in the seed")
+    parser.add_argument("--prune-end-rate", type=float, default=0.1, help="as in the seed")
     parser.add_argument("--prune-scope", choices=["layer", "global"], default="layer")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (SecretFlow's debug mode is overhead-bound; more threads rarely help)",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return parser.parse_args(argv)
 
 
@@ -72,6 +79,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     import secretflow as sf
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
 
     from sf_ext.models import MLP, LeNet
     from sf_ext.training import build_torch_model, train_federated
@@ -100,6 +112,7 @@ def main(argv=None) -> int:
                 prune_end_rate=args.prune_end_rate,
                 prune_scope=args.prune_scope,
                 random_seed=args.seed,
+                device=args.device,
             )
     finally:
         sf.shutdown()

@@ -103,6 +103,7 @@ def train_federated(
     prune_scope: str = "layer",
     random_seed: Optional[int] = 0,
     progress_desc: Optional[str] = None,
+    device: str = "cpu",
 ) -> FLRunResult:
     """Train with ``fed_avg_w`` (+ ``SecureAggregator``) or ``fed_avg_w_prune`` (+ ``SecurePruneAggregator``).
 
@@ -117,15 +118,19 @@ def train_federated(
         prune_percent, prune_end_rate, prune_scope: The pruning schedule (prune strategy only).
         random_seed: Model initialization seed (the same for both strategies).
         progress_desc: Progress-bar label (default: the strategy name).
+        device: ``"cpu"`` or ``"cuda"`` (clients train on the GPU through SecretFlow's
+            ``use_gpu``).
     """
     if strategy not in ("fed_avg_w", PRUNE_STRATEGY):
         raise ValueError(f"strategy must be 'fed_avg_w' or {PRUNE_STRATEGY!r}, got {strategy!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     sf_ext.register_strategies()
     clients = list(clients)
-    extra = {}
+    extra = {"use_gpu": True} if device == "cuda" else {}
     if strategy == PRUNE_STRATEGY:
         aggregator = SecurePruneAggregator(server, clients)
-        extra = dict(
+        extra.update(
             prune_percent=prune_percent, prune_end_rate=prune_end_rate, prune_scope=prune_scope
         )
     else:

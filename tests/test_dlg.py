@@ -68,6 +68,16 @@ def test_dlg_recovers_input_and_label_of_tiny_model():
     assert result.snapshots[0][0] == 0 and result.loss_history
 
 
+def test_restart_rescues_a_failed_start_within_the_same_step_budget():
+    model, x, y, grad = tiny_problem(seed=6, label=2)
+    single = dlg(model, grad, x.shape, num_classes=4, iters=40, seed=6, restarts=0)
+    assert (single.reconstruction - x).abs().max() > 1.0  # this start stalls far from the input
+    rescued = dlg(model, grad, x.shape, num_classes=4, iters=40, seed=6)
+    assert len(rescued.details["attempts"]) == 2
+    assert rescued.iterations <= 40
+    assert (rescued.reconstruction - x).abs().max() < 1e-3
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_idlg_recovers_input_of_tiny_model(seed):
     model, x, y, grad = tiny_problem(seed, label=seed % 4)

@@ -26,17 +26,22 @@ def four_client_data(sf_clients, fashion_mnist_root):
     )
 
 
-def _fit(aggregator, clients, server, data, epochs=3):
+def _fit(aggregator, clients, server, data, epochs=3, attacker=None):
+    """Train LeNet with ``fed_avg_w``, or with ``fed_avg_w_attack`` and dave sending ``attacker``."""
+    from sf_ext.strategies import enable_attack
+
     (train_x, train_y), test = data
     fl = FLModel(
         server=server,
         device_list=clients,
         model=build_torch_model(LeNet, lr=3e-3),
         aggregator=aggregator,
-        strategy="fed_avg_w",
+        strategy="fed_avg_w" if attacker is None else "fed_avg_w_attack",
         backend="torch",
         random_seed=0,
     )
+    if attacker is not None:
+        enable_attack(fl, "dave", attacker, scale=-4.0)
     history = fl.fit(
         train_x,
         train_y,
@@ -127,40 +132,13 @@ def test_every_core_rule_has_an_adapter():
     assert set(AGGREGATORS) - {"xmam"} == set(ROBUST_AGGREGATORS)
 
 
-def _fit_with_attacker(aggregator, clients, server, data, attack, epochs=2):
-    from sf_ext.strategies import enable_attack
-
-    (train_x, train_y), test = data
-    fl = FLModel(
-        server=server,
-        device_list=clients,
-        model=build_torch_model(LeNet, lr=3e-3),
-        aggregator=aggregator,
-        strategy="fed_avg_w_attack",
-        backend="torch",
-        random_seed=0,
-    )
-    enable_attack(fl, "dave", attack, scale=-4.0)
-    history = fl.fit(
-        train_x,
-        train_y,
-        validation_data=test,
-        epochs=epochs,
-        batch_size=64,
-        aggregate_freq=4,
-        verbose=0,
-    )
-    return history["global_history"]["val_multiclassaccuracy"][-1]
-
-
 def test_attacking_party_breaks_fedavg_but_not_flame(sf_clients, four_client_data):
     """dave uploads -4x his honest update every round (the paper's sign flip)."""
     clients, server = sf_clients
-    plain = _fit_with_attacker(
-        SecureAggregator(server, clients), clients, server, four_client_data, "sign_flip"
-    )
+    data = four_client_data
+    plain = _fit(SecureAggregator(server, clients), clients, server, data, 2, "sign_flip")
     flame = FlameAggregator(server, clients)
-    defended = _fit_with_attacker(flame, clients, server, four_client_data, "sign_flip")
+    defended = _fit(flame, clients, server, data, 2, "sign_flip")
     assert defended >= 0.75 and plain <= defended - 0.2, (plain, defended)
     dave_kept = [r["kept"][r["parties"].index("dave")] for r in flame.reports()]
     assert sum(dave_kept) <= 0.1 * len(dave_kept)

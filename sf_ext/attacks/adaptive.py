@@ -10,15 +10,17 @@ move against the estimated direction of the global update, ``s = sign(mu)``::
 
     malicious(lambda) = mu - lambda * s,      0 <= lambda < lambda_max = 200
 
-``lambda`` is found by binary search as the largest value for which the leader's anomaly score,
-computed on the 2f-model distribution (the f clean updates plus the f identical malicious ones),
-stays below the server's threshold (the mean score). Every attacker then sends the same update.
+``lambda`` is the largest value (halving from 200, then bisection) for which the leader's anomaly
+score, computed on the 2f-model distribution (the f clean updates plus the f identical malicious
+ones), stays below the server's threshold (the mean score). Every attacker then sends that update.
 
 Note on the search direction: the paper's text says lambda is halved when the leader's score is
 below the mean and doubled otherwise, which would shrink the attack exactly when it is undetected;
-we read it as the usual search (grow while undetected, shrink when detected), as in Fang et al.
-With ``reference="single"`` the leader scores one malicious copy against the f clean updates
-instead (a stricter check, since identical copies lower each other's scores).
+we read it as the usual search (shrink while detected, keep the largest undetected value), as in
+Fang et al. Note also that with f >= 2 identical copies in the 2f-model distribution the leader's
+score is always below the mean (the copies are at distance 0 from each other), so the paper's
+reading always ends at lambda = 200. ``reference="single"`` scores one malicious copy against the
+f clean updates instead, which makes the search meaningful (and the attack stealthier).
 """
 
 from dataclasses import dataclass
@@ -78,8 +80,9 @@ def adaptive_matrix_mapping(
     layout: Optional[ParamLayout] = None,
     num_samples=None,
     lambda_max: float = 200.0,
-    tol: float = 1e-4,
-    max_iter: int = 40,
+    lambda_min: float = 1e-8,
+    rel_tol: float = 0.05,
+    max_iter: int = 60,
     reference: str = "paper",
     return_details: bool = False,
 ):
@@ -93,8 +96,9 @@ def adaptive_matrix_mapping(
         layout: Flat layout of the updates (default: the model's).
         num_samples: Unused (accepted for the common calling convention).
         lambda_max: Upper end of the search interval (the paper's 200, exclusive).
-        tol: Stop when the interval is narrower than ``tol`` (relative to ``lambda_max``).
-        max_iter: Most bisection steps.
+        lambda_min: Below this the search gives up and sends the clean mean (lambda = 0).
+        rel_tol: Relative precision of the final bisection.
+        max_iter: Most score evaluations (each maps ``2f`` or ``f + 1`` updates).
         reference: ``"paper"`` (f clean + f malicious copies) or ``"single"`` (f clean + 1).
         return_details: Also return an :class:`AdaptiveResult`.
     """
@@ -118,19 +122,21 @@ def adaptive_matrix_mapping(
         evaluations += 1
         return leader_passes(clean, mean - lam * direction, model, input_shape, layout, reference)
 
-    # lambda_max itself is excluded, so probe just inside it first.
-    top = lambda_max * (1 - 1e-6)
-    passed, score, threshold = check(top)
-    if passed:
-        lam = top
-    else:
-        low, high = 0.0, top
-        best = check(0.0)
-        # Bisection keeps `low` passing (or 0 when even the clean mean fails) and `high` failing.
-        score, threshold = best[1], best[2]
-        for _ in range(max_iter):
-            if high - low <= tol * lambda_max:
-                break
+    # Halve from just inside lambda_max (excluded) until the leader passes: useful values can be
+    # orders of magnitude below 200 (the sign vector has norm sqrt(d)), so a linear bisection
+    # over [0, 200) would never resolve them. Then refine between the passing lambda and the
+    # failing one above it.
+    lam, failing = lambda_max * (1 - 1e-6), None
+    passed, score, threshold = check(lam)
+    while not passed and lam > lambda_min and evaluations < max_iter:
+        failing, lam = lam, lam / 2
+        passed, score, threshold = check(lam)
+    if not passed:
+        lam = 0.0
+        _, score, threshold = check(0.0)
+    elif failing is not None:
+        low, high = lam, failing
+        while (high - low) > rel_tol * low and evaluations < max_iter:
             mid = (low + high) / 2
             ok, mid_score, mid_threshold = check(mid)
             if ok:

@@ -31,6 +31,7 @@ from sf_ext.dlg.gradients import GradientLike, align_to_parameters, soft_cross_e
 
 STATUS_COMPLETED = "completed"  # ran all iterations
 STATUS_STOPPED = "stopped"  # the optimizer stopped moving (later steps would change nothing)
+STATUS_PLATEAU = "plateau"  # a start stalled at a high loss and was abandoned for a new one
 STATUS_DIVERGED = "diverged"  # non-finite loss or input; the last finite input is returned
 DISTANCES = ("l2", "cosine")
 
@@ -46,8 +47,9 @@ class AttackResult:
         label: Recovered class index per batch item, ``[B]``.
         loss_history: Gradient-matching loss after each iteration.
         snapshots: ``(iteration, input)`` pairs taken every ``snapshot_every`` iterations.
-        status: ``"completed"`` (all iterations ran), ``"stopped"`` (L-BFGS stopped moving, at a
-            good or a bad point: see ``final_loss``) or ``"diverged"`` (non-finite values).
+        status: How the returned start ended: ``"completed"`` (used the remaining budget),
+            ``"stopped"`` (L-BFGS stopped moving, at a good or a bad point: see ``final_loss``),
+            ``"plateau"`` (stalled at a high loss and abandoned) or ``"diverged"`` (non-finite).
         iterations: Iterations actually run.
         final_loss: Gradient-matching loss of ``reconstruction``.
         wall_time_s: Wall-clock seconds of the attack.
@@ -244,11 +246,15 @@ def _lbfgs_attempt(
     stop_when_stuck: bool,
     history: List[float],
     snapshots: List[Tuple[int, torch.Tensor]],
+    bad_loss: float = math.inf,
+    plateau_window: int = 0,
 ) -> _Attempt:
     """Run L-BFGS from a fresh random dummy for at most ``budget`` steps.
 
     ``history`` and ``snapshots`` are appended to, with iterations counted from ``offset`` so that
-    several attempts share one timeline.
+    several attempts share one timeline. With ``plateau_window > 0`` the start is abandoned when
+    its best loss is above ``bad_loss`` and has not halved over the last ``plateau_window`` steps,
+    provided at least ``plateau_window`` steps of budget remain for another start.
     """
     x = torch.randn(shape, generator=gen).to(device).requires_grad_(True)
     variables = [x]
@@ -276,6 +282,7 @@ def _lbfgs_attempt(
 
     best_loss, (best_x, best_logits) = math.inf, snapshot()
     status, message, steps, stuck_steps = STATUS_COMPLETED, f"ran {budget} L-BFGS steps", 0, 0
+    best_by_step: List[float] = []
     for it in range(budget):
         before = snapshot()
         loss_before = float(optimizer.step(closure))  # loss at the input the step started from
@@ -291,6 +298,19 @@ def _lbfgs_attempt(
         steps = it + 1
         if (offset + it) % snapshot_every == 0:
             snapshots.append((offset + it, x.detach().cpu().clone()))
+        best_by_step.append(best_loss)
+        if (
+            plateau_window > 0
+            and it >= plateau_window
+            and budget - steps >= plateau_window
+            and best_loss > bad_loss
+            and best_loss > 0.5 * best_by_step[it - plateau_window]
+        ):
+            # Successful starts fall by orders of magnitude within tens of steps; one that has
+            # not even halved its loss for a whole window is stuck in a poor basin.
+            status = STATUS_PLATEAU
+            message = f"start abandoned on a plateau after {offset + it + 1} steps"
+            break
         moved = not all(torch.equal(v.detach(), old) for v, old in zip(variables, before))
         stuck_steps = 0 if moved or it == 0 else stuck_steps + 1
         if stuck_steps >= 2 and stop_when_stuck:
@@ -323,6 +343,7 @@ def _lbfgs_inversion(
     stop_when_stuck: bool,
     restarts: int,
     restart_above: float,
+    plateau_window: int,
 ) -> AttackResult:
     """L-BFGS on the dummy input (and soft label when ``fixed_label`` is None), restarting from a
     new random dummy while a start stops or diverges at a high loss and steps remain."""
@@ -352,6 +373,8 @@ def _lbfgs_inversion(
             stop_when_stuck,
             history,
             snapshots,
+            bad_loss,
+            plateau_window if len(attempts) < restarts else 0,
         )
         attempts.append(attempt)
         used += max(1, attempt.steps)
@@ -409,6 +432,7 @@ def dlg(
     stop_when_stuck: bool = True,
     restarts: int = 3,
     restart_above: float = 1e-3,
+    plateau_window: int = 50,
 ) -> AttackResult:
     """Deep Leakage from Gradients: optimize a dummy input and soft label with L-BFGS.
 
@@ -431,6 +455,9 @@ def dlg(
             the ``iters`` budget and the best (lowest loss) is returned, so the attacker uses
             only what it can see. ``0`` is the original single-start DLG.
         restart_above: Relative loss above which a stopped start counts as failed.
+        plateau_window: A start whose loss stays above that level and does not halve within
+            this many steps is abandoned for a new one while restarts and budget remain
+            (0: never).
 
     Returns:
         :class:`AttackResult`; the reconstruction is the iterate with the lowest matching loss.
@@ -451,6 +478,7 @@ def dlg(
         stop_when_stuck,
         restarts,
         restart_above,
+        plateau_window,
     )
 
 
@@ -471,6 +499,7 @@ def idlg(
     stop_when_stuck: bool = True,
     restarts: int = 3,
     restart_above: float = 1e-3,
+    plateau_window: int = 50,
 ) -> AttackResult:
     """Improved DLG: labels from :func:`infer_labels`, then L-BFGS on the input only.
 
@@ -495,6 +524,7 @@ def idlg(
         stop_when_stuck,
         restarts,
         restart_above,
+        plateau_window,
     )
     result.details["inferred_label"] = inferred
     return result
@@ -639,6 +669,7 @@ __all__ = [
     "AttackResult",
     "GradientMatcher",
     "STATUS_COMPLETED",
+    "STATUS_PLATEAU",
     "STATUS_STOPPED",
     "STATUS_DIVERGED",
     "dlg",

@@ -20,6 +20,7 @@ CSV_FIELDS = (
     "accuracy",
     "backdoor_accuracy",
     "accuracy_last3_mean",
+    "accuracy_min",
     "backdoor_accuracy_max",
     "tpr",
     "fpr",
@@ -44,12 +45,13 @@ def write_csv(path: str, cells: Sequence[Cell], results: Dict[str, Dict[str, Any
         for cell in cells:
             result = results.get(cell.key, {})
             final = dict(result.get("final", {}))
-            # The worst round matters for a backdoor, not only the last one.
+            # The worst round matters too, not only the last one.
+            history = result.get("history", [])
+            accuracies = [h["accuracy"] for h in history if h.get("accuracy") is not None]
             peaks = [
-                h["backdoor_accuracy"]
-                for h in result.get("history", [])
-                if h.get("backdoor_accuracy") is not None
+                h["backdoor_accuracy"] for h in history if h.get("backdoor_accuracy") is not None
             ]
+            final["accuracy_min"] = min(accuracies) if accuracies else None
             final["backdoor_accuracy_max"] = max(peaks) if peaks else None
             cfg = cell.config
             writer.writerow(
@@ -59,7 +61,7 @@ def write_csv(path: str, cells: Sequence[Cell], results: Dict[str, Dict[str, Any
                     "aggregator": cfg.aggregator,
                     "attack": cfg.attack or "",
                     "attacker_fraction": cfg.attacker_fraction,
-                    **{k: _fmt(final.get(k)) for k in CSV_FIELDS[5:15]},
+                    **{k: _fmt(final.get(k)) for k in CSV_FIELDS[5:16]},
                     "cell": cell.key,
                 }
             )
