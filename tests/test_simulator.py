@@ -166,10 +166,14 @@ def test_untargeted_attack_breaks_fedavg_but_not_krum():
     clean = Simulator(_config(**base), progress=False).run().final["accuracy"]
     attacked = dict(base, attack="same_value", attacker_fraction=0.3)
     fedavg = Simulator(_config(**attacked), progress=False).run().final
-    krum = Simulator(
-        _config(**attacked, aggregator="multi_krum", aggregator_options={"f": "auto"}),
-        progress=False,
-    ).run().final
+    krum = (
+        Simulator(
+            _config(**attacked, aggregator="multi_krum", aggregator_options={"f": "auto"}),
+            progress=False,
+        )
+        .run()
+        .final
+    )
     assert fedavg["accuracy"] < 0.3 < clean - 0.3
     assert krum["accuracy"] > clean - 0.1 and krum["tpr"] == 1.0
 

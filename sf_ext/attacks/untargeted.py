@@ -116,7 +116,7 @@ def little_is_enough(
     z: Optional[float] = None,
     knowledge: str = "attackers",
 ) -> torch.Tensor:
-    """"A little is enough" (Baruch et al. 2019): every attacker sends ``mean - z * std``.
+    """ "A little is enough" (Baruch et al. 2019): every attacker sends ``mean - z * std``.
 
     Coordinate-wise mean and standard deviation of the reference updates; ``z`` defaults to
     :func:`lie_z_max` for the round's number of clients and attackers.

@@ -91,9 +91,7 @@ class FederatedData:
         from sf_ext.models import build_model
 
         channels, size = self.input_shape[0], self.input_shape[-1]
-        return build_model(
-            self.model_name, channels, size, self.num_classes, **self.model_options
-        )
+        return build_model(self.model_name, channels, size, self.num_classes, **self.model_options)
 
     def clean_indices(self) -> np.ndarray:
         return np.concatenate(self.client_indices)

@@ -22,13 +22,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from sf_ext.aggregators.server import server_options
 from sf_ext.attacks.targeted import attacker_indices, backdoor_behaviour, finish_backdoor_update
 from sf_ext.params import ParamLayout
 from sf_ext.simulator.config import ADAPTIVE, TARGETED, UNTARGETED, SimulationConfig
 from sf_ext.simulator.data import FederatedData, build_federated_data
 from sf_ext.simulator.training import ClientPlan, LocalTrainer
 
-__all__ = ["Simulator", "RunResult", "round_seed"]
+__all__ = ["Simulator", "RunResult", "round_seed", "to_jsonable"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -118,6 +119,7 @@ class Simulator:
         self.global_params = self._initial_params(pretrained_cache)
         self.round = 0
         self.history: List[Dict[str, Any]] = []
+        self._attack_info: Dict[str, Any] = {}  # what a searched attack found this round
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             self._resume()
@@ -174,7 +176,7 @@ class Simulator:
         finished = os.path.join(self.out_dir, RESULT)
         if os.path.exists(finished):
             with open(finished) as handle:
-                if json.load(handle).get("config") != _jsonable(self.config.to_dict()):
+                if json.load(handle).get("config") != to_jsonable(self.config.to_dict()):
                     raise ValueError(
                         f"{finished} belongs to a run with different settings; "
                         "use another output folder"
@@ -202,7 +204,7 @@ class Simulator:
         }
         _atomic_save(state, os.path.join(self.out_dir, CHECKPOINT))
         with open(os.path.join(self.out_dir, METRICS), "a") as handle:
-            handle.write(json.dumps(_jsonable(self.history[-1])) + "\n")
+            handle.write(json.dumps(to_jsonable(self.history[-1])) + "\n")
 
     # -- one round -----------------------------------------------------------------------------
 
@@ -275,13 +277,13 @@ class Simulator:
                 out, info = fn(
                     updates,
                     mask,
-                    **_accepted(fn, extras),
+                    **server_options(fn, {}, **extras),
                     return_details=True,
                     **cfg.attack_options,
                 )
                 self._attack_info = {"attack_lambda": info.lam}
                 return out
-            return fn(updates, mask, **_accepted(fn, extras), **cfg.attack_options)
+            return fn(updates, mask, **server_options(fn, {}, **extras), **cfg.attack_options)
         if self.behaviour is not None and (
             self.behaviour.model_replacement or self.behaviour.pgd_radius is not None
         ):
@@ -297,7 +299,7 @@ class Simulator:
     def aggregator_options(self, generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
         """The configured options plus what the server knows (layout, model, round, global
         model, a seeded random generator), passed to aggregators that take them."""
-        from sf_ext.aggregators import AGGREGATORS
+        from sf_ext.aggregators import get_aggregator
 
         cfg = self.config
         options = dict(cfg.aggregator_options)
@@ -305,18 +307,16 @@ class Simulator:
             # Krum-style rules are told the number of attackers, within what they can tolerate.
             n = cfg.clients_per_round
             options["f"] = max(0, min(cfg.attackers_per_round(), (n - 3) // 2))
-        fn = AGGREGATORS[cfg.aggregator]
-        context = {
-            "layout": self.layout,
-            "model": self.server_model,
-            "input_shape": self.data.input_shape,
-            "round_index": self.round,
-            "global_params": self.global_params.cpu(),
-            "generator": generator,
-        }
-        for name, value in _accepted(fn, context).items():
-            options.setdefault(name, value)
-        return options
+        return server_options(
+            get_aggregator(cfg.aggregator),
+            options,
+            layout=self.layout,
+            model=self.server_model,
+            input_shape=self.data.input_shape,
+            round_index=self.round,
+            global_params=self.global_params.cpu(),
+            generator=generator,
+        )
 
     def run_round(self) -> Dict[str, Any]:
         """Play one round and return its metrics (also appended to ``history``)."""
@@ -327,7 +327,7 @@ class Simulator:
         t0 = time.perf_counter()
         rng = np.random.default_rng(round_seed(cfg.seed, self.round, 0))
         generator = torch.Generator().manual_seed(round_seed(cfg.seed, self.round, 1))
-        self._attack_info: Dict[str, Any] = {}
+        self._attack_info = {}
         clients, is_attacker = self.sample_clients(rng)
         plans = self._plans(clients, is_attacker, rng)
         weights = self.trainer.train(self.global_params, plans, rng, batched=self.batched)
@@ -432,7 +432,7 @@ class Simulator:
         )
         if self.out_dir:
             with open(os.path.join(self.out_dir, RESULT), "w") as handle:
-                json.dump(_jsonable(result.to_dict()), handle, indent=1)
+                json.dump(to_jsonable(result.to_dict()), handle, indent=1)
             finished = self.round >= cfg.rounds or result.final["diverged"]
             checkpoint = os.path.join(self.out_dir, CHECKPOINT)
             if finished and not self.keep_checkpoint and os.path.exists(checkpoint):
@@ -470,13 +470,6 @@ class Simulator:
         return summary
 
 
-def _accepted(fn, candidates: Dict[str, Any]) -> Dict[str, Any]:
-    """The subset of ``candidates`` that ``fn`` names as parameters (``**kwargs`` does not count:
-    context is only passed to functions that declare they use it)."""
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in candidates.items() if k in params}
-
-
 def _postfix(record: Dict[str, Any]) -> Dict[str, str]:
     out = {}
     for key, label in (("accuracy", "acc"), ("backdoor_accuracy", "bd"), ("tpr", "tpr")):
@@ -492,14 +485,14 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _jsonable(obj):
+def to_jsonable(obj):
     """Replace NaN/inf by None so the JSON stays standard."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer)):
-        return _jsonable(obj.item())
+        return to_jsonable(obj.item())
     return obj

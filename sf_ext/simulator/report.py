@@ -176,7 +176,8 @@ def write_plots(
                 if final is not None:
                     xs.append(100 * float(grid.rows[r].get(grid.sweep_x, 0)))
                     ys.append(100 * final["accuracy"])
-            ax.plot(xs, ys, marker="o", label=str(column.get("label", c)))
+            style = _STYLES[c % len(_STYLES)]
+            ax.plot(xs, ys, marker="o", linestyle=style, label=str(column.get("label", c)))
         ax.set_xlabel(f"{grid.sweep_x} (%)")
         ax.set_ylabel("final test accuracy (%)")
         ax.grid(alpha=0.3)

@@ -19,24 +19,28 @@ from sf_ext.simulator.grid import Cell, ExperimentGrid, load_grid
 __all__ = ["main", "run_grid", "run_cell"]
 
 
-def run_cell(config_dict: Dict[str, Any], cell_dir: str, cache_dir: str, threads: int = 1,
-             progress: bool = True) -> Dict[str, Any]:
+def run_cell(
+    config_dict: Dict[str, Any],
+    cell_dir: str,
+    cache_dir: str,
+    threads: int = 1,
+    progress: bool = True,
+) -> Dict[str, Any]:
     """Run (or resume, or read back) one cell; returns its ``result.json`` content."""
     import torch
 
     from sf_ext.simulator.config import SimulationConfig
-    from sf_ext.simulator.engine import RESULT, Simulator
+    from sf_ext.simulator.engine import RESULT, Simulator, to_jsonable
 
     done = os.path.join(cell_dir, RESULT)
     if os.path.exists(done):
         with open(done) as handle:
             result = json.load(handle)
-        if result.get("config") == config_dict:
+        if result.get("config") == to_jsonable(config_dict):
             return result
     torch.set_num_threads(threads)
     config = SimulationConfig.from_dict(config_dict)
-    sim = Simulator(config, out_dir=cell_dir, progress=progress, pretrained_cache=cache_dir)
-    result = sim.run().to_dict()
+    Simulator(config, out_dir=cell_dir, progress=progress, pretrained_cache=cache_dir).run()
     with open(done) as handle:
         return json.load(handle)
 
