@@ -33,7 +33,7 @@ STATUS_COMPLETED = "completed"  # ran all iterations
 STATUS_STOPPED = "stopped"  # the optimizer stopped moving (later steps would change nothing)
 STATUS_PLATEAU = "plateau"  # a start stalled at a high loss and was abandoned for a new one
 STATUS_DIVERGED = "diverged"  # non-finite loss or input; the last finite input is returned
-DISTANCES = ("l2", "cosine")
+DISTANCES = ("l2", "l2-layer", "cosine")
 
 
 @dataclass
@@ -82,8 +82,11 @@ class GradientMatcher:
         observed: Observed gradient, one tensor per parameter (``None``: not observed, ignored).
         masks: Optional boolean masks per parameter; when given, only kept entries are compared
             (the mask-aware attacker). ``None`` entries compare the whole tensor.
-        distance: ``"l2"`` (sum of squared differences, DLG) or ``"cosine"`` (one minus the cosine
-            similarity of the concatenated gradients, Inverting Gradients).
+        distance: ``"l2"`` (sum of squared differences, DLG), ``"l2-layer"`` (each tensor's
+            squared difference divided by the squared norm of its observed gradient, so layers
+            with small gradients, typically the first convolutions of a model with default
+            initialization, count as much as the classifier) or ``"cosine"`` (one minus the
+            cosine similarity of the concatenated gradients, Inverting Gradients).
         loss_fn: The client's training loss ``loss_fn(logits, target)``; batch-mean cross entropy by
             default (class indices or probabilities).
     """
@@ -117,7 +120,12 @@ class GradientMatcher:
         self.targets = [
             targets[i] if m is None else targets[i] * m for i, m in zip(self.indices, self.masks)
         ]
-        self.target_norm = math.sqrt(sum(float((t * t).sum()) for t in self.targets))
+        norms_sq = [float((t * t).sum()) for t in self.targets]
+        self.target_norm = math.sqrt(sum(norms_sq))
+        # Per-tensor weights of the squared error; an all-zero observed tensor keeps weight 1.
+        self.weights = [1.0 / n if distance == "l2-layer" and n > 0 else 1.0 for n in norms_sq]
+        #: The distance of an all-zero dummy gradient: what "a large loss" is relative to.
+        self.reference_loss = sum(w * n for w, n in zip(self.weights, norms_sq))
         for p in self.params:
             p.requires_grad_(True)
 
@@ -128,11 +136,11 @@ class GradientMatcher:
     def __call__(self, x: torch.Tensor, target: torch.Tensor, create_graph: bool = True):
         """Gradient distance of dummy input ``x`` with label ``target`` (indices or soft labels)."""
         grads = self.dummy_gradient(x, target, create_graph)
-        if self.distance == "l2":
+        if self.distance != "cosine":
             total = 0.0
-            for g, t, m in zip(grads, self.targets, self.masks):
+            for g, t, m, w in zip(grads, self.targets, self.masks, self.weights):
                 diff = g - t if m is None else (g - t) * m
-                total = total + (diff * diff).sum()
+                total = total + (diff * diff).sum() * w
             return total
         dot, norm_sq = 0.0, 0.0
         for g, t, m in zip(grads, self.targets, self.masks):
@@ -353,7 +361,7 @@ def _lbfgs_inversion(
     gen = _generator(seed)
     fixed_label = None if fixed_label is None else fixed_label.to(device)
     # What "stuck at a bad point" means, relative to the size of what is matched.
-    bad_loss = restart_above * matcher.target_norm**2
+    bad_loss = restart_above * matcher.reference_loss
     history: List[float] = []
     snapshots: List[Tuple[int, torch.Tensor]] = []
     attempts: List[_Attempt] = []
@@ -433,6 +441,7 @@ def dlg(
     restarts: int = 3,
     restart_above: float = 1e-3,
     plateau_window: int = 50,
+    distance: str = "l2",
 ) -> AttackResult:
     """Deep Leakage from Gradients: optimize a dummy input and soft label with L-BFGS.
 
@@ -451,19 +460,23 @@ def dlg(
         stop_when_stuck: End a start once two L-BFGS steps in a row leave every variable
             bit-for-bit unchanged (later steps would repeat them exactly).
         restarts: Extra random starts allowed when a start stops or diverges with its loss above
-            ``restart_above`` times the squared norm of the matched gradient. All starts share
+            ``restart_above`` times the distance of an all-zero dummy gradient. All starts share
             the ``iters`` budget and the best (lowest loss) is returned, so the attacker uses
             only what it can see. ``0`` is the original single-start DLG.
         restart_above: Relative loss above which a stopped start counts as failed.
         plateau_window: A start whose loss stays above that level and does not halve within
             this many steps is abandoned for a new one while restarts and budget remain
             (0: never).
+        distance: ``"l2"`` (the original) or ``"l2-layer"`` (per-tensor normalized, see
+            :class:`GradientMatcher`).
 
     Returns:
         :class:`AttackResult`; the reconstruction is the iterate with the lowest matching loss.
     """
     shape = _normalize_shape(input_shape)
-    matcher = GradientMatcher(model, observed, masks, "l2", loss_fn)
+    if distance == "cosine":
+        raise ValueError("L-BFGS attacks match with 'l2' or 'l2-layer'; use inverting_gradients")
+    matcher = GradientMatcher(model, observed, masks, distance, loss_fn)
     return _lbfgs_inversion(
         "dlg",
         matcher,
@@ -500,6 +513,7 @@ def idlg(
     restarts: int = 3,
     restart_above: float = 1e-3,
     plateau_window: int = 50,
+    distance: str = "l2",
 ) -> AttackResult:
     """Improved DLG: labels from :func:`infer_labels`, then L-BFGS on the input only.
 
@@ -509,7 +523,9 @@ def idlg(
     shape = _normalize_shape(input_shape)
     inferred = infer_labels(model, observed, shape[0])
     chosen = inferred if label is None else torch.as_tensor(label).long().reshape(shape[0])
-    matcher = GradientMatcher(model, observed, masks, "l2", loss_fn)
+    if distance == "cosine":
+        raise ValueError("L-BFGS attacks match with 'l2' or 'l2-layer'; use inverting_gradients")
+    matcher = GradientMatcher(model, observed, masks, distance, loss_fn)
     result = _lbfgs_inversion(
         "idlg",
         matcher,

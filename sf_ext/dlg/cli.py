@@ -74,6 +74,12 @@ def _add_attack_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
         default=3,
         help="extra L-BFGS starts of dlg/idlg within --iters (0: original single start)",
     )
+    parser.add_argument(
+        "--distance",
+        choices=("l2", "l2-layer"),
+        default="l2",
+        help="dlg/idlg gradient distance: l2 (original) or l2-layer (per-tensor normalized)",
+    )
     parser.add_argument("--ig-restarts", type=int, default=2, help="restarts of the ig attack")
     parser.add_argument(
         "--capture",
@@ -160,6 +166,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         batch_size=args.batch_size,
         image_index=args.image_index,
         restarts=args.restarts,
+        distance=args.distance,
         ig_restarts=args.ig_restarts,
         captures=tuple(args.capture),
         source=args.source,

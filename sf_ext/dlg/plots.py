@@ -65,8 +65,9 @@ def progress_grid(
 
     Args:
         rows: One dictionary per row with ``label`` (row title), ``snapshots`` (``(iteration,
-            image)`` pairs), ``final`` (the returned reconstruction) and ``psnr``.
-        truth: The attacked image ``[C, H, W]`` or ``[1, C, H, W]``.
+            image)`` pairs), ``final`` (the returned reconstruction), ``psnr`` and optionally
+            ``truth`` (that row's attacked image, when rows attack different images).
+        truth: The attacked image ``[C, H, W]`` or ``[1, C, H, W]`` (default for every row).
         path: PNG file to write.
         iters: Iteration budget of the runs (for the column positions).
         every: Snapshot interval of the runs.
@@ -84,7 +85,7 @@ def progress_grid(
     )
     for r, row in enumerate(rows):
         picked = _pick_columns(row["snapshots"], iters, every, columns)
-        _show(axes[r][0], truth, "truth" if r == 0 else None)
+        _show(axes[r][0], row.get("truth", truth), "truth" if r == 0 else None)
         axes[r][0].set_ylabel(str(row["label"]), fontsize=7, rotation=0, ha="right", va="center")
         for c in range(columns):
             if c < len(picked):

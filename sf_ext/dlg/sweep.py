@@ -85,6 +85,8 @@ class SweepConfig:
             ``s * batch_size``).
         restarts: Extra L-BFGS starts of ``dlg``/``idlg`` within the step budget (0: original
             single start).
+        distance: Gradient distance of ``dlg``/``idlg``: ``"l2"`` (original) or ``"l2-layer"``
+            (per-tensor normalized).
         ig_restarts: Restarts of the ``ig`` attack.
         captures: Capture folders; when given, the ``"captured"`` setting is swept instead.
         source: ``"gradient"`` or ``"update"`` (captured setting only).
@@ -105,6 +107,7 @@ class SweepConfig:
     batch_size: int = 1
     image_index: Optional[int] = None
     restarts: int = 3
+    distance: str = "l2"
     ig_restarts: int = 2
     captures: Sequence[str] = ()
     source: str = "gradient"
@@ -122,6 +125,8 @@ class SweepConfig:
             raise ValueError(f"unknown attackers {bad}; choose from {list(ATTACKERS)}")
         for rate in self.rates:
             rate_to_keep_fraction(rate)
+        if self.distance not in ("l2", "l2-layer"):
+            raise ValueError(f"distance must be 'l2' or 'l2-layer', got {self.distance!r}")
         if self.source not in ("gradient", "update"):
             raise ValueError(f"source must be 'gradient' or 'update', got {self.source!r}")
         if self.batch_size < 1 or not self.seeds:
@@ -249,7 +254,11 @@ def run_one(
     }
     if target.loss_fn is not None:
         options["loss_fn"] = target.loss_fn
-    options["restarts"] = config.ig_restarts if attack == "ig" else config.restarts
+    if attack == "ig":
+        options["restarts"] = config.ig_restarts
+    else:
+        options["restarts"] = config.restarts
+        options["distance"] = config.distance
     shape = tuple(target.truth.shape)
     return run_attack(attack, target.model, observed, shape, target.num_classes, **options)
 
@@ -393,9 +402,14 @@ def _write_csv(path: Path, rows: Sequence[Dict[str, object]]) -> None:
 
 
 def _figures(config: SweepConfig, rows, kept_images, out: Path) -> List[Path]:
+    """PSNR plot, final-reconstruction grid and progress grids per attack.
+
+    Rows of the grids are (attacker, seed); columns (final grid) or rows (progress grids) are
+    pruning rates. In update mode each capture brings its own rate, so captures line up by rate.
+    """
     files = []
     rates = sorted({float(r["rate"]) for r in rows})
-    targets = sorted({(k[2], k[3]) for k in kept_images}, key=lambda t: (t[1], t[0]))
+    seeds = sorted({k[3] for k in kept_images})
     for attack in config.attacks:
         attack_rows = [r for r in rows if r["attack"] == attack]
         if not attack_rows:
@@ -408,13 +422,17 @@ def _figures(config: SweepConfig, rows, kept_images, out: Path) -> List[Path]:
                 f"{len(config.seeds)} seeds)",
             )
         )
+        by_cell: Dict[Tuple[str, int, float], Dict[str, object]] = {}
+        for (att, attacker, _name, seed, rate), entry in kept_images.items():
+            if att == attack:
+                by_cell[(attacker, seed, rate)] = entry
         cells, truths, row_keys = {}, {}, []
         for attacker in config.attackers:
-            for name, seed in targets:
-                key = f"{attacker}\n{name} s{seed}" if config.captures else f"{attacker} s{seed}"
+            for seed in seeds:
+                key = f"{attacker} s{seed}"
                 row_keys.append(key)
                 for rate in rates:
-                    entry = kept_images.get((attack, attacker, name, seed, rate))
+                    entry = by_cell.get((attacker, seed, rate))
                     if entry is not None:
                         cells[(key, rate)] = (entry["final"], entry["psnr"])
                         truths[key] = entry["truth"]
@@ -429,22 +447,19 @@ def _figures(config: SweepConfig, rows, kept_images, out: Path) -> List[Path]:
             )
         )
         for attacker in config.attackers:
-            for name, seed in targets:
-                grid_rows = []
-                for rate in rates:
-                    entry = kept_images.get((attack, attacker, name, seed, rate))
-                    if entry is not None:
-                        grid_rows.append({"label": f"{rate:g}%", **entry})
+            for seed in seeds:
+                grid_rows = [
+                    {"label": f"{rate:g}%", **by_cell[(attacker, seed, rate)]}
+                    for rate in rates
+                    if (attacker, seed, rate) in by_cell
+                ]
                 if not grid_rows:
                     continue
-                stem = f"grid_{attack}_{attacker}_seed{seed}"
-                if config.captures:
-                    stem += f"_{name}"
                 files.append(
                     plots.progress_grid(
                         grid_rows,
                         grid_rows[0]["truth"][0],
-                        out / f"{stem}.png",
+                        out / f"grid_{attack}_{attacker}_seed{seed}.png",
                         iters=config.iters_for(attack),
                         every=config.snapshot_every,
                         columns=config.grid_columns,
