@@ -1,8 +1,8 @@
 """``sf-ext`` command line: one entry point for the package's runnable parts.
 
-    sf-ext demo [flags]        pruning demo in SecretFlow (python -m sf_ext.demo)
-    sf-ext dlg {attack,sweep}  gradient-inversion audit (python -m sf_ext.dlg)
-    sf-ext simulate CONFIG     many-client robustness experiment (python -m sf_ext.simulator.run)
+sf-ext demo [flags]        pruning demo in SecretFlow (python -m sf_ext.demo)
+sf-ext dlg {attack,sweep}  gradient-inversion audit (python -m sf_ext.dlg)
+sf-ext simulate CONFIG     many-client robustness experiment (python -m sf_ext.simulator.run)
 """
 
 import importlib

@@ -34,10 +34,9 @@ def table(folder: Path) -> str:
                 continue
             stats = mean_std(float(m["psnr"]) for m in members)
             wins = sum(float(m["psnr"]) >= 40 for m in members)
-            cells.append(
-                f"{stats['mean']:.1f} ± {stats['std']:.1f} [{stats['min']:.0f}, {stats['max']:.0f}]"
-                f" {wins}/{len(members)}"
-            )
+            spread = f"[{stats['min']:.0f}, {stats['max']:.0f}]"
+            summary = f"{stats['mean']:.1f} ± {stats['std']:.1f} {spread}"
+            cells.append(f"{summary} {wins}/{len(members)}")
         lines.append(f"| {attack} | {attacker} | " + " | ".join(cells) + " |")
     total = sum(float(r["wall_s"]) for r in rows)
     lines += ["", f"Attack time summed over runs: {total / 60:.1f} min."]

@@ -151,9 +151,7 @@ class GradientMatcher:
         return 1.0 - dot / (norm_sq.sqrt() * self.target_norm + 1e-12)
 
 
-def infer_labels(
-    model: nn.Module, observed: GradientLike, batch_size: int = 1
-) -> torch.Tensor:
+def infer_labels(model: nn.Module, observed: GradientLike, batch_size: int = 1) -> torch.Tensor:
     """Recover labels from the last linear layer's gradient (iDLG's analytic rule).
 
     With softmax cross entropy, the output-layer bias gradient of an item is ``p - onehot(y)``:

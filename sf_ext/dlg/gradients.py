@@ -81,9 +81,7 @@ def observe_gradient(
     params = list(model.parameters())
     loss = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [
-        torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(params, grads)
-    ]
+    return [torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(params, grads)]
 
 
 def gradient_from_update(update: GradientLike, lr: Optional[float] = None) -> List[torch.Tensor]:
