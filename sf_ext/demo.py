@@ -134,7 +134,21 @@ def main(argv=None) -> int:
     ax.set_ylabel("accuracy")
     ax.set_title(f"FLModel on {name}: fed_avg_w vs fed_avg_w_prune")
     ax.grid(alpha=0.3)
-    ax.legend()
+    pruned = results["fed_avg_w_prune"]
+    kept_axis = ax.twinx()
+    kept_axis.plot(
+        range(1, len(pruned.kept_fraction) + 1),
+        [sum(k.values()) / len(k) for k in pruned.kept_fraction],
+        color="gray",
+        linestyle=":",
+        marker=".",
+        label="kept fraction (prune)",
+    )
+    kept_axis.set_ylabel("kept fraction of weights")
+    kept_axis.set_ylim(0, 1.05)
+    lines, labels = ax.get_legend_handles_labels()
+    more_lines, more_labels = kept_axis.get_legend_handles_labels()
+    ax.legend(lines + more_lines, labels + more_labels, loc="lower right", fontsize=8)
     fig.tight_layout()
     plot_path = args.out / "accuracy_per_epoch.png"
     fig.savefig(plot_path, dpi=120)
