@@ -66,14 +66,6 @@ class ParamLayout:
     def weight_names(self) -> List[str]:
         return [n for n, s in zip(self.names, self.shapes) if is_weight_tensor(n, s)]
 
-    def weight_flags(self) -> torch.Tensor:
-        """Boolean vector over the flat parameters: True where the entry belongs to a weight."""
-        flags = torch.zeros(self.num_params, dtype=torch.bool)
-        for name, sl in self.slices().items():
-            if name in set(self.weight_names()):
-                flags[sl] = True
-        return flags
-
     def flatten(self, tensors) -> torch.Tensor:
         """Concatenate a list/tuple of arrays or a name->tensor mapping into one float32 vector."""
         if isinstance(tensors, Mapping):

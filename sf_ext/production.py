@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,8 +180,3 @@ def _stop(proc: subprocess.Popen) -> bool:
         except subprocess.TimeoutExpired:
             continue
     return True
-
-
-def python_argv(script: Path, *args: str) -> List[str]:
-    """Command line that runs ``script`` with this interpreter."""
-    return [sys.executable, str(script), *args]

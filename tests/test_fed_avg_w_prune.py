@@ -5,7 +5,6 @@ import importlib
 import numpy as np
 import pytest
 import secretflow as sf
-import torch
 from secretflow_fl.ml.nn import FLModel
 from secretflow_fl.ml.nn.callbacks.callback import Callback
 from secretflow_fl.ml.nn.core.torch import TorchModel, metric_wrapper, optim_wrapper
@@ -97,6 +96,11 @@ def test_reaches_80_percent_on_fashion_mnist(trained):
 def test_kept_fraction_follows_schedule_exactly(trained):
     _, _, probe = trained
     assert len(probe.kept_per_epoch) == EPOCHS
+    fl, _, _ = trained
+    assert {d.party: sf.reveal(w.get_prune_epochs()) for d, w in fl._workers.items()} == {
+        "alice": EPOCHS,
+        "bob": EPOCHS,
+    }
     for epoch, kept in enumerate(probe.kept_per_epoch, start=1):
         assert set(kept) == {"alice", "bob"}
         for fraction in kept.values():
@@ -171,4 +175,3 @@ def test_global_scope_prunes_across_layers(sf_parties, fashion_mnist_root):
     assert sum(int(m.sum()) for m in masks.values()) == round(0.5 * total)
     per_layer = [m.mean() for m in masks.values()]
     assert max(per_layer) - min(per_layer) > 0.01  # layers pruned unevenly, unlike "layer" scope
-    assert torch.is_tensor(torch.as_tensor(per_layer))
