@@ -188,6 +188,93 @@ def psnr_vs_rate(
     return _save(fig, path)
 
 
+def batch_grid(
+    truth: torch.Tensor,
+    recon: torch.Tensor,
+    score,
+    path: Union[str, Path],
+    title: str = "",
+    labels: Optional[Sequence[int]] = None,
+    per_row: int = 16,
+) -> Path:
+    """Every image of an attacked batch: pairs of rows, true images above their reconstructions.
+
+    Args:
+        truth: True images ``[N, C, H, W]``.
+        recon: Reconstructions ``[M, C, H, W]`` (``M >= N``).
+        score: The :class:`~sf_ext.dlg.metrics.ReconstructionScore` of ``recon`` against
+            ``truth`` (pairing, PSNR, recognizability).
+        path: PNG file to write.
+        title: Figure title.
+        labels: True labels (shown above the true images).
+        per_row: Images per row.
+    """
+    n = truth.shape[0]
+    per_row = max(1, min(per_row, n))
+    groups = math.ceil(n / per_row)
+    fig, axes = plt.subplots(
+        2 * groups,
+        per_row,
+        figsize=(0.75 * per_row + 0.3, 1.65 * groups + 0.5),
+        squeeze=False,
+        layout="constrained",
+    )
+    recognized = score.recognized or [False] * n
+    for i in range(groups * per_row):
+        g, c = divmod(i, per_row)
+        top, bottom = axes[2 * g][c], axes[2 * g + 1][c]
+        if i >= n:
+            top.axis("off")
+            bottom.axis("off")
+            continue
+        head = f"#{i}" if labels is None else f"#{i} y={int(labels[i])}"
+        _show(top, truth[i], head, fontsize=6)
+        mark = " ok" if recognized[i] else ""
+        _show(bottom, recon[score.assignment[i]], f"{score.psnr_per_image[i]:.0f}dB{mark}", 6)
+        if recognized[i]:
+            for spine in bottom.spines.values():
+                spine.set_visible(True)
+                spine.set_color("tab:green")
+                spine.set_linewidth(2)
+    if title:
+        fig.suptitle(title + "\ntop: true, below: reconstruction; ok = recognizable", fontsize=7)
+    return _save(fig, path)
+
+
+def audit_overview(entries: Sequence[Tuple[str, object]], path: Union[str, Path], show: int = 10):
+    """One block per setting: its most recognizable attacked batch (first ``show`` images),
+    true images above reconstructions, with the verdict numbers in the row label."""
+    rows = len(entries)
+    fig, axes = plt.subplots(
+        2 * rows,
+        show,
+        figsize=(0.8 * show + 2.2, 1.7 * rows + 0.4),
+        squeeze=False,
+        layout="constrained",
+    )
+    for r, (key, outcome) in enumerate(entries):
+        truth = outcome.notes["truth"]
+        recon = outcome.notes["reconstruction"]
+        score = outcome.score
+        label = (
+            f"{key}\n{outcome.round} {outcome.attacker}\n"
+            f"{outcome.recognized}/{outcome.items} recog."
+        )
+        for c in range(show):
+            top, bottom = axes[2 * r][c], axes[2 * r + 1][c]
+            if c >= truth.shape[0]:
+                top.axis("off")
+                bottom.axis("off")
+                continue
+            _show(top, truth[c])
+            _show(bottom, recon[score.assignment[c]], f"{score.psnr_per_image[c]:.0f}dB", 6)
+        axes[2 * r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(
+        "What the server reconstructs (top: true images, below: reconstructions)", fontsize=9
+    )
+    return _save(fig, path)
+
+
 def _finite_psnr(value: float, cap: float = 100.0) -> float:
     # A bit-exact reconstruction has infinite PSNR; plot it at the cap.
     return cap if math.isinf(value) and value > 0 else value
@@ -201,4 +288,11 @@ def _save(fig, path: Union[str, Path]) -> Path:
     return path
 
 
-__all__ = ["final_grid", "progress_grid", "psnr_vs_rate", "to_display"]
+__all__ = [
+    "audit_overview",
+    "batch_grid",
+    "final_grid",
+    "progress_grid",
+    "psnr_vs_rate",
+    "to_display",
+]
