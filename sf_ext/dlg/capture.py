@@ -381,6 +381,8 @@ class RoundCapture(Callback):
         out_dir: Folder for the rounds; each goes to ``out_dir/e<epoch>_s<step>``.
         aggregator: A recording aggregator (:func:`recording_aggregator`) to record the server's
             side too (``None``: clients only).
+        meta: Extra facts written into every client's ``meta`` and ``round.json`` (e.g. the
+            dataset name).
 
     Attributes:
         saved: Round folders written so far.
@@ -392,8 +394,10 @@ class RoundCapture(Callback):
         rounds: Sequence[Tuple[int, int]],
         out_dir: Union[str, Path],
         aggregator: Optional[_ServerRecorder] = None,
+        meta: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
+        self.meta = dict(meta or {})
         self.parties = [p.party if isinstance(p, PYU) else str(p) for p in parties]
         self.rounds = {(int(e), int(s)) for e, s in rounds}
         self.out_dir = Path(out_dir)
@@ -436,12 +440,13 @@ class RoundCapture(Callback):
             record = reveal(self._worker(party).take_capture())
             if record is None or "gradient" not in record:
                 raise RuntimeError(f"client {party!r} returned no complete capture")
-            record["meta"].update({"party": party, "epoch": epoch, "step": step})
+            record["meta"].update({**self.meta, "party": party, "epoch": epoch, "step": step})
             save_capture(record, folder / party)
         server = self.aggregator.take() if self.aggregator is not None else None
         if server is not None:
             save_server_record(server, folder)
         info = {
+            **self.meta,
             "epoch": epoch,
             "step": step,
             "clients": self.parties,

@@ -267,7 +267,9 @@ def run_setting(
             random_seed=setting.seed,
             **extra,
         )
-        recorder = RoundCapture(setting.parties, rounds, out_dir, aggregator)
+        recorder = RoundCapture(
+            setting.parties, rounds, out_dir, aggregator, meta={"dataset": name}
+        )
         bar = _EpochBar(setting.epochs, setting.label()[:40], progress)
         np.random.seed(setting.seed)  # GaussianModelDP draws from numpy's global generator
         started = time.perf_counter()

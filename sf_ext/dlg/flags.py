@@ -8,6 +8,7 @@ gives ``None``) and sequences (comma-separated values).
 """
 
 import argparse
+import collections.abc
 import dataclasses
 import re
 import typing
@@ -43,7 +44,12 @@ def attribute_help(cls: type) -> Dict[str, str]:
         elif current:
             for name in current:
                 entries[name] += " " + line.strip()
-    return {k: re.sub(r"``([^`]*)``", r"\1", v).replace("%", "%%") for k, v in entries.items()}
+
+    def clean(text: str) -> str:
+        text = re.sub(r":\w+:`~?([^`]*)`", r"\1", text)  # Sphinx roles
+        return re.sub(r"``([^`]*)``", r"\1", text).replace("%", "%%")
+
+    return {k: clean(v) for k, v in entries.items()}
 
 
 def _unwrap_optional(tp) -> Tuple[Any, bool]:
@@ -126,13 +132,16 @@ def add_dataclass_arguments(
         kwargs: Dict[str, Any] = {"dest": f.name, "default": default, "help": text}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) in (tuple, list, Sequence, typing.Sequence) or tp in (
+        elif typing.get_origin(tp) in (tuple, list, collections.abc.Sequence) or tp in (
             tuple,
             list,
         ):
             kwargs["type"] = _sequence_parser(tp, f.name)
             if isinstance(default, (tuple, list)):
-                kwargs["default"] = tuple(default)
+                # A string default goes through ``type`` too, and help shows it as typed.
+                kwargs["default"] = ",".join(
+                    f"{v:g}" if isinstance(v, float) else str(v) for v in default
+                )
             kwargs["metavar"] = "A,B,..."
         else:
             kwargs["type"] = _scalar_parser(tp, f.name, optional)

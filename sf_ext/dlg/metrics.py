@@ -98,7 +98,7 @@ def label_accuracy(predicted: Sequence[int], true: Sequence[int]) -> float:
 #: SSIM to the true image is at least this. The SSIM floor keeps out the images the judge assigns
 #: to a class by accident: it labels pure noise as one fixed class (a bag for Fashion-MNIST), and
 #: noise never reaches this SSIM.
-RECOGNIZED_MIN_SSIM = 0.2
+RECOGNIZED_MIN_SSIM = 0.3
 
 
 @dataclass

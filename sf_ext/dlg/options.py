@@ -15,10 +15,10 @@ DISTANCES = ("l2", "l2-layer", "cosine", "cosine-layer")
 
 #: Per-attack defaults for the options left at ``None``.
 ATTACK_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "dlg": {"iters": 300, "restarts": 3, "distance": "l2"},
-    "idlg": {"iters": 300, "restarts": 3, "distance": "l2"},
-    "ig": {"iters": 1000, "restarts": 2, "distance": "cosine-layer"},
-    "multistep": {"iters": 1000, "restarts": 2, "distance": "cosine-layer"},
+    "dlg": {"iters": 300, "restarts": 3, "distance": "l2", "tv_weight": 0.0},
+    "idlg": {"iters": 300, "restarts": 3, "distance": "l2", "tv_weight": 0.0},
+    "ig": {"iters": 1000, "restarts": 2, "distance": "cosine", "tv_weight": 1e-2},
+    "multistep": {"iters": 1000, "restarts": 2, "distance": "cosine", "tv_weight": 1e-2},
 }
 
 
@@ -45,7 +45,8 @@ class AttackOptions:
             halve within this many steps (0: never).
         lr: Adam learning rate on the dummy input (``ig``/``multistep``), divided by 10 at 3/8,
             5/8 and 7/8 of the run.
-        tv_weight: Weight of the total-variation image prior (``ig``/``multistep``).
+        tv_weight: Weight of the total-variation image prior (``ig``/``multistep``; default
+            1e-2, which suits 28x28 grayscale images in [0, 1]).
         boxed: Keep the dummy input in ``[0, 1]`` (``ig``/``multistep``).
         signed: Step along the sign of the input gradient, as Inverting Gradients does.
         soft_sign: Adam simulation only: the denominator ``sqrt(v)`` becomes ``sqrt(v + c^2)``
@@ -65,7 +66,7 @@ class AttackOptions:
     restart_above: float = 1e-3
     plateau_window: int = 50
     lr: float = 0.1
-    tv_weight: float = 1e-4
+    tv_weight: Optional[float] = None
     boxed: bool = True
     signed: bool = True
     soft_sign: float = 1.0
@@ -86,7 +87,9 @@ class AttackOptions:
         for name in ("lr", "restart_above"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("tv_weight", "soft_sign", "plateau_window"):
+        if self.tv_weight is not None and self.tv_weight < 0:
+            raise ValueError(f"tv_weight must be >= 0, got {self.tv_weight!r}")
+        for name in ("soft_sign", "plateau_window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 

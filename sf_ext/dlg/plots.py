@@ -180,7 +180,7 @@ def psnr_vs_rate(
     for j, (label, level) in enumerate(thresholds.items()):
         ax.axhline(level, color="gray", linestyle="--" if j == 0 else ":", linewidth=0.8)
         ax.text(0.5, level + 0.8, label, fontsize=7, color="gray")
-    ax.set_xlabel("pruning rate (% of weight-gradient entries zeroed)")
+    ax.set_xlabel("% of weight-gradient entries pruned (zeroed)")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
@@ -241,6 +241,36 @@ def batch_grid(
     return _save(fig, path)
 
 
+def batch_rows(
+    rows: Sequence[Tuple[str, torch.Tensor, object]],
+    truth: torch.Tensor,
+    path: Union[str, Path],
+    title: str = "",
+) -> Path:
+    """Every image of a batch: the true images on top, then one row of paired reconstructions
+    per entry of ``rows`` (``(label, reconstruction, score)``), PSNR above each image."""
+    n = truth.shape[0]
+    fig, axes = plt.subplots(
+        len(rows) + 1,
+        n,
+        figsize=(0.8 * n + 1.0, 1.0 * (len(rows) + 1) + 0.5),
+        squeeze=False,
+        layout="constrained",
+    )
+    for c in range(n):
+        _show(axes[0][c], truth[c], f"#{c}", fontsize=6)
+    axes[0][0].set_ylabel("truth", fontsize=7, rotation=0, ha="right", va="center")
+    for r, (label, recon, score) in enumerate(rows, start=1):
+        recognized = score.recognized or [False] * n
+        for c in range(n):
+            mark = "*" if recognized[c] else ""
+            _show(axes[r][c], recon[score.assignment[c]], f"{score.psnr_per_image[c]:.0f}{mark}", 6)
+        axes[r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title + " (dB; * = recognizable)", fontsize=8)
+    return _save(fig, path)
+
+
 def audit_overview(entries: Sequence[Tuple[str, object]], path: Union[str, Path], show: int = 10):
     """One block per setting: its most recognizable attacked batch (first ``show`` images),
     true images above reconstructions, with the verdict numbers in the row label."""
@@ -260,14 +290,21 @@ def audit_overview(entries: Sequence[Tuple[str, object]], path: Union[str, Path]
             f"{key}\n{outcome.round} {outcome.attacker}\n"
             f"{outcome.recognized}/{outcome.items} recog."
         )
+        # Recognizable images first, then the most similar ones.
+        recognized = score.recognized or [False] * truth.shape[0]
+        order = sorted(
+            range(truth.shape[0]), key=lambda i: (not recognized[i], -score.ssim_per_image[i])
+        )
         for c in range(show):
             top, bottom = axes[2 * r][c], axes[2 * r + 1][c]
             if c >= truth.shape[0]:
                 top.axis("off")
                 bottom.axis("off")
                 continue
-            _show(top, truth[c])
-            _show(bottom, recon[score.assignment[c]], f"{score.psnr_per_image[c]:.0f}dB", 6)
+            i = order[c]
+            _show(top, truth[i], f"#{i}", fontsize=6)
+            mark = " ok" if recognized[i] else ""
+            _show(bottom, recon[score.assignment[i]], f"{score.psnr_per_image[i]:.0f}dB{mark}", 6)
         axes[2 * r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(
         "What the server reconstructs (top: true images, below: reconstructions)", fontsize=9
@@ -291,6 +328,7 @@ def _save(fig, path: Union[str, Path]) -> Path:
 __all__ = [
     "audit_overview",
     "batch_grid",
+    "batch_rows",
     "final_grid",
     "progress_grid",
     "psnr_vs_rate",

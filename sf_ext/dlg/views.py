@@ -110,9 +110,15 @@ def upload_view(capture: CapturedRound, attacker: str = "naive") -> ServerView:
     """One client's upload as the server receives it under plain aggregation."""
     if attacker not in ATTACKERS:
         raise ValueError(f"attacker must be one of {ATTACKERS}, got {attacker!r}")
-    masks = capture.masks() if attacker == "mask-aware" else None
-    if masks is not None and all(m is None for m in masks):
-        masks = None
+    update = capture.update()
+    masks = None
+    if attacker == "mask-aware":
+        masks = capture.masks()
+        if float(capture.meta.get("update_keep", 1.0)) < 1:
+            # Update pruning: the entries the client did not send are exactly zero in the update.
+            masks = [(u != 0) if m is None else (m & (u != 0)) for u, m in zip(update, masks)]
+        if all(m is None for m in masks):
+            masks = None
     model = capture.build_model()
     client = ClientModel(
         batch_size=capture.input_shape[0],
@@ -126,7 +132,7 @@ def upload_view(capture: CapturedRound, attacker: str = "naive") -> ServerView:
         name=f"{party}'s upload",
         attacker=attacker,
         model=model,
-        observed=capture.update(),
+        observed=update,
         masks=masks,
         clients=[client],
         optimizer=capture.optimizer(with_state=False),
@@ -266,7 +272,8 @@ def server_views(
     for attacker in attackers:
         if kind == "plain":
             capture = round_.clients[party or next(iter(round_.clients))]
-            if attacker == "mask-aware" and capture.sent_masks is None:
+            has_mask = capture.sent_masks is not None or capture.meta.get("update_keep", 1) < 1
+            if attacker == "mask-aware" and not has_mask:
                 continue
             views.append(upload_view(capture, attacker))
         else:
