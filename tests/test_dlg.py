@@ -178,7 +178,9 @@ def test_one_layer_dominating_the_joint_distance_counts_only_as_much_as_the_othe
     targets = [torch.tensor([1e-4, 0.0]), torch.tensor([1.0, 1.0])]
     wrong_first = [torch.tensor([0.0, 1e-4]), torch.tensor([1.0, 1.0])]
     assert float(TensorDistance(targets, distance="cosine")(wrong_first)) < 1e-8
-    assert float(TensorDistance(targets, distance="cosine-layer")(wrong_first)) == pytest.approx(0.5)
+    assert float(TensorDistance(targets, distance="cosine-layer")(wrong_first)) == pytest.approx(
+        0.5
+    )
     assert float(TensorDistance(targets, distance="l2-layer")(wrong_first)) == pytest.approx(2.0)
 
 

@@ -189,7 +189,15 @@ def test_aggregate_of_two_clients_is_inverted_jointly():
     mean = [(a + 2 * b) / 3 for a, b in zip(ua, ub)]
     clients = [ClientModel(1, 1, 1 / 3, name="alice"), ClientModel(2, 1, 2 / 3, name="bob")]
     result = multistep(
-        model, mean, (1, 1, 4, 4), 4, spec, clients=clients, seed=0, iters=800, tv_weight=0,
+        model,
+        mean,
+        (1, 1, 4, 4),
+        4,
+        spec,
+        clients=clients,
+        seed=0,
+        iters=800,
+        tv_weight=0,
         distance="l2-layer",
     )
     assert sorted(result.label.tolist()) == [0, 1, 3]  # the union's labels, counted from the mean

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from sf_ext.dlg.attacks import AttackResult, idlg, multistep
 from sf_ext.dlg.gradients import gradient_from_update
-from sf_ext.dlg.metrics import RECOGNIZED_MIN_SSIM, ReconstructionScore, score_reconstruction
+from sf_ext.dlg.metrics import ReconstructionScore, recognized_min_ssim, score_reconstruction
 from sf_ext.dlg.options import AttackOptions
 from sf_ext.dlg.settings import FLSetting
 from sf_ext.dlg.views import ServerView
@@ -541,6 +541,8 @@ def _format_setting(setting: FLSetting) -> str:
 
 
 def _write_report(out, user, options, results, judge, wall) -> Path:
+    sides = [o.notes["truth"].shape[-1] for s in results for o in s.outcomes]
+    floor = recognized_min_ssim(min(sides) if sides else 28)
     lines = [
         "# Privacy audit",
         "",
@@ -563,7 +565,7 @@ def _write_report(out, user, options, results, judge, wall) -> Path:
         "",
         "Recognizable = an independently trained classifier (accuracy "
         f"{judge.held_out_accuracy:.3f} on real held-out images) names the true class and the "
-        f"SSIM to the true image is at least {RECOGNIZED_MIN_SSIM:g}. Attacks: "
+        f"SSIM to the true image is at least {floor:g}. Attacks: "
         + ", ".join(options.attacks)
         + f"; rounds: {', '.join(options.rounds)}. The server is modelled as honest-but-curious:"
         " it knows the global model, the clients' optimizer and hyperparameters, batch sizes"

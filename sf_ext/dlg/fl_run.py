@@ -55,6 +55,9 @@ class FLRun:
         wall_time_s: Seconds of ``FLModel.fit``.
         rounds: Round folders written (see :mod:`sf_ext.dlg.captured`).
         dataset: The dataset actually used (``"arrays"`` for user data).
+        train_accuracy: Training accuracy per epoch (SecretFlow's naive aggregate).
+        epoch_seconds: Wall time per epoch.
+        kept_per_epoch: Mean kept fraction of the clients after each epoch (pruning only).
     """
 
     setting: FLSetting
@@ -63,6 +66,9 @@ class FLRun:
     wall_time_s: float
     rounds: List[Path] = field(default_factory=list)
     dataset: str = ""
+    train_accuracy: List[float] = field(default_factory=list)
+    epoch_seconds: List[float] = field(default_factory=list)
+    kept_per_epoch: List[float] = field(default_factory=list)
 
     @property
     def final_accuracy(self) -> float:
@@ -166,11 +172,24 @@ def _data(setting: FLSetting, devices):
 
 
 class _EpochBar(Callback):
-    def __init__(self, epochs: int, desc: str, enabled: bool):
+    """Progress bar over epochs; also times epochs and reads the kept fraction after each."""
+
+    def __init__(self, epochs: int, desc: str, enabled: bool, pruned: bool):
         super().__init__()
         self.bar = tqdm(total=epochs, desc=desc, unit="epoch", disable=not enabled, leave=False)
+        self.pruned = pruned
+        self.seconds: List[float] = []
+        self.kept: List[float] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch=None, logs=None):
+        self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch=None, logs=None):
+        self.seconds.append(time.perf_counter() - self._started)
+        if self.pruned:
+            kept = [sf.reveal(w.get_kept_fraction()) for w in self._workers.values()]
+            self.kept.append(float(np.mean(kept)))
         self.bar.update(1)
 
     def on_train_end(self, logs=None):
@@ -270,7 +289,7 @@ def run_setting(
         recorder = RoundCapture(
             setting.parties, rounds, out_dir, aggregator, meta={"dataset": name}
         )
-        bar = _EpochBar(setting.epochs, setting.label()[:40], progress)
+        bar = _EpochBar(setting.epochs, setting.label()[:40], progress, setting.pruned)
         np.random.seed(setting.seed)  # GaussianModelDP draws from numpy's global generator
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
@@ -292,7 +311,18 @@ def run_setting(
                 np.mean([sf.reveal(w.get_kept_fraction()) for w in fl_model._workers.values()])
             )
     accuracy = [float(a) for a in history["global_history"]["val_multiclassaccuracy"]]
-    return FLRun(setting, accuracy, kept, wall, list(recorder.saved), name)
+    train_accuracy = [float(a) for a in history["global_history"]["multiclassaccuracy"]]
+    return FLRun(
+        setting,
+        accuracy,
+        kept,
+        wall,
+        list(recorder.saved),
+        name,
+        train_accuracy=train_accuracy,
+        epoch_seconds=bar.seconds,
+        kept_per_epoch=bar.kept,
+    )
 
 
 __all__ = [

@@ -246,10 +246,12 @@ def batch_rows(
     truth: torch.Tensor,
     path: Union[str, Path],
     title: str = "",
+    limit: Optional[int] = None,
 ) -> Path:
-    """Every image of a batch: the true images on top, then one row of paired reconstructions
-    per entry of ``rows`` (``(label, reconstruction, score)``), PSNR above each image."""
-    n = truth.shape[0]
+    """Every image of a batch (or the first ``limit``): the true images on top, then one row of
+    paired reconstructions per entry of ``rows`` (``(label, reconstruction, score)``), PSNR
+    above each image."""
+    n = truth.shape[0] if limit is None else min(limit, truth.shape[0])
     fig, axes = plt.subplots(
         len(rows) + 1,
         n,
@@ -261,7 +263,7 @@ def batch_rows(
         _show(axes[0][c], truth[c], f"#{c}", fontsize=6)
     axes[0][0].set_ylabel("truth", fontsize=7, rotation=0, ha="right", va="center")
     for r, (label, recon, score) in enumerate(rows, start=1):
-        recognized = score.recognized or [False] * n
+        recognized = score.recognized or [False] * truth.shape[0]
         for c in range(n):
             mark = "*" if recognized[c] else ""
             _show(axes[r][c], recon[score.assignment[c]], f"{score.psnr_per_image[c]:.0f}{mark}", 6)
