@@ -1,7 +1,8 @@
 """``sf-ext`` command line: one entry point for the package's runnable parts.
 
 sf-ext demo [flags]        pruning demo in SecretFlow (python -m sf_ext.demo)
-sf-ext dlg {attack,sweep}  gradient-inversion audit (python -m sf_ext.dlg)
+sf-ext dlg {attack,sweep,capture}  gradient-inversion attacks and sweeps (python -m sf_ext.dlg)
+sf-ext audit [flags]       what the server reconstructs in your setting (python -m sf_ext.dlg.audit)
 sf-ext simulate CONFIG     many-client robustness experiment (python -m sf_ext.simulator.run)
 """
 
@@ -11,6 +12,7 @@ import sys
 COMMANDS = {
     "demo": "sf_ext.demo",
     "dlg": "sf_ext.dlg.cli",
+    "audit": "sf_ext.dlg.audit",
     "simulate": "sf_ext.simulator.run",
 }
 

@@ -136,11 +136,12 @@ def _print_tables(record: dict) -> None:
             f"{panel['round']} ({panel['images']} images, optimizer-aware attack, "
             f"{panel['iters']} iterations)"
         )
-        print(f"{'upload':<30}{'PSNR dB':>9}{'SSIM':>7}{'recognizable':>14}")
+        print(f"{'upload':<40}{'PSNR dB':>9}{'SSIM':>7}{'specific':>10}{'class only':>12}")
         for row in panel["rows"]:
             print(
-                f"{row['label']:<30}{row['psnr']:>9.1f}{row['ssim']:>7.2f}"
-                f"{row['recognized']:>9}/{panel['images']}"
+                f"{row['label']:<40}{row['psnr']:>9.1f}{row['ssim']:>7.2f}"
+                f"{row['specific']:>6}/{panel['images']}"
+                f"{row['recognized'] - row['specific']:>8}/{panel['images']}"
             )
         print(
             f"(recognizable: the judge classifier, accuracy {panel['judge_accuracy']:.3f} on "
@@ -175,7 +176,7 @@ def _accuracy_axes(ax, runs: dict, name: str) -> None:
 
 
 def _privacy_axes(fig, spec, panel_rows, truth, show: int = 8) -> None:
-    from sf_ext.dlg.plots import _show
+    from sf_ext.dlg.plots import _mark, _show
 
     grid = spec.subgridspec(len(panel_rows) + 1, show, hspace=0.5, wspace=0.1)
     for c in range(min(show, truth.shape[0])):
@@ -185,8 +186,9 @@ def _privacy_axes(fig, spec, panel_rows, truth, show: int = 8) -> None:
         score, recon = row["score"], row["reconstruction"]
         for c in range(min(show, truth.shape[0])):
             ax = fig.add_subplot(grid[r, c])
-            mark = " ok" if score.recognized and score.recognized[c] else ""
+            mark, color = _mark(score, c)
             _show(ax, recon[score.assignment[c]], f"{score.psnr_per_image[c]:.0f}dB{mark}", 6)
+            ax.title.set_color(color)
             if c == 0:
                 ax.set_ylabel(
                     row["label"].replace(", ", "\n"),
@@ -227,6 +229,7 @@ def _privacy_panel(runs: dict, iters: int, dataset: str, progress: bool):
                 "psnr": score.psnr,
                 "ssim": score.ssim,
                 "recognized": sum(score.recognized or []),
+                "specific": sum(score.specific or []),
                 "seconds": time.perf_counter() - started,
             }
         )

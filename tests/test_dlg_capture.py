@@ -129,3 +129,22 @@ def test_upload_view_reads_an_update_pruned_client_as_masked(sf_parties, tmp_pat
     assert sent_share == pytest.approx(0.1, abs=0.02)
     view = upload_view(alice, "mask-aware")
     assert all(torch.equal(m, u != 0) for m, u in zip(view.masks, update))
+
+
+def test_sweep_attacks_a_captured_upload_as_sent(pruned_plain, tmp_path):
+    from sf_ext.dlg.sweep import SweepConfig, run_sweep
+
+    config = SweepConfig(
+        captures=(str(pruned_plain.rounds[1]),),
+        party="alice",
+        source="update",
+        attacks=("idlg", "multistep"),
+        iters=3,
+        seeds=(0,),
+        out=str(tmp_path / "sweep"),
+    )
+    result = run_sweep(config, progress=False)
+    assert {r["attacker"] for r in result.rows} == {"naive", "mask-aware"}
+    assert {r["attack"] for r in result.rows} == {"idlg", "multistep"}
+    assert all(r["pruned_percent"] == pytest.approx(50.0, abs=1) for r in result.rows)
+    assert len(result.rows) == 4

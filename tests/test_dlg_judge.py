@@ -70,6 +70,20 @@ def test_a_slightly_degraded_image_stays_recognizable_and_a_heavily_degraded_one
     assert score_reconstruction(heavy, x, None, y.tolist(), digits_judge).recognized_fraction < 0.2
 
 
+def test_a_shape_typical_of_the_class_is_recognizable_but_not_specific(digits_judge, digits_images):
+    x, y = digits_images
+    # A "reconstruction" that is another image of the same class: the judge names the class,
+    # but it is no more like the client's image than other images of that class are.
+    same_class = []
+    for i, label in enumerate(y.tolist()):
+        others = [j for j, other in enumerate(y.tolist()) if other == label and j != i]
+        same_class.append(x[others[0]])
+    score = score_reconstruction(torch.stack(same_class), x, None, y.tolist(), digits_judge)
+    exact = score_reconstruction(x, x, None, y.tolist(), digits_judge)
+    assert exact.specific_fraction > 0.9
+    assert score.specific_fraction < 0.5 * score.recognized_fraction
+
+
 def test_best_match_over_the_batch_and_per_image_rows(digits_judge, digits_images):
     x, y = digits_images
     truth = x[:4]

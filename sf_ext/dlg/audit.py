@@ -243,6 +243,10 @@ class ViewOutcome:
     def recognized(self) -> int:
         return sum(self.score.recognized or [])
 
+    @property
+    def specific(self) -> int:
+        return sum(self.score.specific or [])
+
     def row(self) -> Dict[str, object]:
         return {
             "setting": self.setting,
@@ -256,6 +260,7 @@ class ViewOutcome:
             "ssim_mean": round(self.score.ssim, 4),
             "ssim_max": round(max(self.score.ssim_per_image), 4),
             "recognized": self.recognized,
+            "specific": self.specific,
             "label_acc": round(self.score.label_accuracy, 4),
             "seconds": round(self.seconds, 1),
             "seconds_per_iter": round(self.seconds / max(1, self.iterations), 4),
@@ -268,24 +273,42 @@ def score_view(view: ServerView, result: AttackResult, judge=None) -> Reconstruc
     )
 
 
-#: A setting "leaks" when some attack makes at least this share of a batch recognizable; fewer
-#: recognizable images are reported as a partial leak (often a class-typical shape that several
-#: dummies converge to, not one person's image: look at the figure).
+#: A setting "leaks" when some attack reconstructs at least this share of a batch specifically
+#: (recognizable and closer to its own image than to typical images of its class); fewer is a
+#: partial leak.
 LEAK_SHARE = 0.25
 
 
+def _strength(o: "ViewOutcome"):
+    return (o.specific / max(1, o.items), o.recognized / max(1, o.items), o.score.ssim)
+
+
 def verdict(outcomes: Sequence[ViewOutcome]) -> str:
-    """One line: the most recognizable reconstruction this setting gave any attack."""
+    """One line: the most revealing reconstruction this setting gave any attack.
+
+    ``LEAKS`` / ``PARTIAL LEAK``: images reconstructed specifically (see
+    :attr:`sf_ext.dlg.metrics.ReconstructionScore.specific`); ``CLASS-LEVEL ONLY``: shapes
+    recognizable as the right class but no closer to the client's image than to other images of
+    that class; ``nothing recognizable`` otherwise.
+    """
     if not outcomes:
         return "no attack applied"
-    best = max(outcomes, key=lambda o: (o.recognized / max(1, o.items), o.score.ssim, o.score.psnr))
+    best = max(outcomes, key=_strength)
     where = f"{best.round}, {best.view} ({best.attacker}, {best.attack})"
-    if best.recognized > 0:
-        level = "LEAKS" if best.recognized >= LEAK_SHARE * best.items else "PARTIAL LEAK"
+    numbers = (
+        f"best PSNR {max(best.score.psnr_per_image):.1f} dB, mean SSIM {best.score.ssim:.2f}, "
+        f"labels {best.score.label_accuracy:.0%}"
+    )
+    if best.specific > 0:
+        level = "LEAKS" if best.specific >= LEAK_SHARE * best.items else "PARTIAL LEAK"
         return (
-            f"{level}: {best.recognized} of {best.items} images recognizable ({where}; "
-            f"best PSNR {max(best.score.psnr_per_image):.1f} dB, mean SSIM {best.score.ssim:.2f}, "
-            f"labels {best.score.label_accuracy:.0%})"
+            f"{level}: {best.specific} of {best.items} images reconstructed recognizably "
+            f"({where}; {best.recognized} recognizable as their class; {numbers})"
+        )
+    if best.recognized > 0:
+        return (
+            f"CLASS-LEVEL ONLY: {best.recognized} of {best.items} reconstructions show a shape "
+            f"typical of the right class, none is specific to its image ({where}; {numbers})"
         )
     return (
         f"nothing recognizable: 0 of {best.items} images ({where} came closest: best PSNR "
@@ -526,11 +549,7 @@ def _write_outputs(out: Path, results: Sequence[SettingOutcome], judge, plots) -
     for s in results:
         if not s.outcomes:
             continue
-        best = max(
-            s.outcomes,
-            key=lambda o: (o.recognized / max(1, o.items), o.score.ssim, o.score.psnr),
-        )
-        overview.append((s.key, best))
+        overview.append((s.key, max(s.outcomes, key=_strength)))
     if overview:
         files.append(plots.audit_overview(overview, out / "overview.png"))
     return files
@@ -565,7 +584,9 @@ def _write_report(out, user, options, results, judge, wall) -> Path:
         "",
         "Recognizable = an independently trained classifier (accuracy "
         f"{judge.held_out_accuracy:.3f} on real held-out images) names the true class and the "
-        f"SSIM to the true image is at least {floor:g}. Attacks: "
+        f"SSIM to the true image is at least {floor:g}; specific = recognizable and more similar "
+        "to its own image than to 90 % of real images of its class (a class-typical shape is not"
+        " a leak of one client's image). Attacks: "
         + ", ".join(options.attacks)
         + f"; rounds: {', '.join(options.rounds)}. The server is modelled as honest-but-curious:"
         " it knows the global model, the clients' optimizer and hyperparameters, batch sizes"
@@ -576,8 +597,8 @@ def _write_report(out, user, options, results, judge, wall) -> Path:
         "## Every attack",
         "",
         "| setting | round | view | attacker | attack | images | PSNR mean / max | SSIM mean / max "
-        "| recognized | labels | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recognizable | specific | labels | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results:
         for o in s.outcomes:
@@ -585,7 +606,8 @@ def _write_report(out, user, options, results, judge, wall) -> Path:
             lines.append(
                 f"| {s.key} | {o.round} | {o.view} | {o.attacker} | {o.attack} | {o.items} | "
                 f"{r['psnr_mean']:.1f} / {r['psnr_max']:.1f} | {r['ssim_mean']:.2f} / "
-                f"{r['ssim_max']:.2f} | {o.recognized}/{o.items} | {r['label_acc']:.0%} | "
+                f"{r['ssim_max']:.2f} | {o.recognized}/{o.items} | {o.specific}/{o.items} | "
+                f"{r['label_acc']:.0%} | "
                 f"{r['seconds']:.0f} |"
             )
     lines += [
@@ -695,7 +717,14 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device here")
-    if setting.arrays is None and setting.dataset != "digits":
+    if setting.arrays is not None:
+        from sf_ext.dlg.fl_run import load_arrays
+
+        try:
+            load_arrays(setting.arrays)
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(str(exc))
+    elif setting.dataset != "digits":
         from sf_ext.data import DatasetNotFoundError, load_dataset
 
         try:

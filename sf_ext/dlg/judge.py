@@ -25,7 +25,10 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the architecture or training recipe changes (old caches are not reused).
-JUDGE_VERSION = 1
+JUDGE_VERSION = 2
+#: Real images kept per class (from the judge's own split) to tell a reconstruction of one image
+#: from a shape typical of its class.
+REFERENCES_PER_CLASS = 48
 CACHE_ENV = "SF_EXT_CACHE"
 
 
@@ -72,12 +75,16 @@ class Judge:
         dataset: Dataset name.
         trained_on: The split it learnt from (the attacked images must come from the other one).
         held_out_accuracy: Its accuracy on real images of the other split.
+        references: Up to :data:`REFERENCES_PER_CLASS` real images per class from the judge's own
+            split, ``{class: [K, C, H, W]}`` (used to tell whether a reconstruction shows *its*
+            image or only what images of its class look like).
     """
 
     model: nn.Module
     dataset: str
     trained_on: str
     held_out_accuracy: float
+    references: Optional[dict] = None
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +94,16 @@ class Judge:
             x = x.unsqueeze(0)
         probs = torch.softmax(self.model(x), dim=-1)
         return probs.argmax(dim=-1), probs
+
+
+def _references(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
+    rng = np.random.default_rng(seed + 1)
+    out = {}
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        chosen = rng.choice(members, min(REFERENCES_PER_CLASS, len(members)), replace=False)
+        out[int(label)] = torch.as_tensor(x[np.sort(chosen)]).float()
+    return out
 
 
 def _train(
@@ -174,7 +191,9 @@ def load_judge(
         saved = torch.load(file, map_location="cpu")
         model.load_state_dict(saved["state_dict"])
         model.eval()
-        return Judge(model, spec.name, train_split, float(saved["held_out_accuracy"]))
+        return Judge(
+            model, spec.name, train_split, float(saved["held_out_accuracy"]), saved["references"]
+        )
     x, y = load_dataset(dataset, data_root, split=train_split)
     rng = np.random.default_rng(seed)
     if len(y) > max_train:
@@ -197,11 +216,18 @@ def load_judge(
         time.perf_counter() - started,
         accuracy,
     )
+    references = _references(x, y, seed)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "held_out_accuracy": accuracy, **recipe}, tmp)
+    payload = {
+        "state_dict": model.state_dict(),
+        "held_out_accuracy": accuracy,
+        "references": references,
+        **recipe,
+    }
+    torch.save(payload, tmp)
     tmp.replace(file)
-    return Judge(model, spec.name, train_split, accuracy)
+    return Judge(model, spec.name, train_split, accuracy, references)
 
 
 def judge_from_arrays(
@@ -221,11 +247,13 @@ def judge_from_arrays(
     model = JudgeNet(x.shape[1], x.shape[2], int(y.max()) + 1)
     epochs = max(1, -(-min_steps // -(-len(train) // 128)))
     _train(model, x[train], y[train], epochs, seed, progress)
-    return Judge(model, "arrays", "arrays", _accuracy(model, x[held], y[held]))
+    accuracy = _accuracy(model, x[held], y[held])
+    return Judge(model, "arrays", "arrays", accuracy, _references(x[train], y[train], seed))
 
 
 __all__ = [
     "CACHE_ENV",
+    "REFERENCES_PER_CLASS",
     "Judge",
     "JudgeNet",
     "default_cache_dir",

@@ -112,6 +112,17 @@ def recognized_min_ssim(side: int) -> float:
     return RECOGNIZED_MIN_SSIM if side >= 11 else RECOGNIZED_MIN_SSIM_SMALL
 
 
+#: A recognizable reconstruction is *specific* (shows that image, not only its class) when its
+#: SSIM to its own image exceeds this quantile of its SSIMs to real images of the same class.
+SPECIFIC_QUANTILE = 0.9
+
+
+def class_similarity(recon: torch.Tensor, references: torch.Tensor, q: float) -> float:
+    """The ``q`` quantile of the SSIM between one reconstruction and reference images."""
+    repeated = _as_batch(recon).expand(references.shape[0], *references.shape[1:])
+    return float(torch.quantile(ssim(repeated, references), q))
+
+
 @dataclass
 class ReconstructionScore:
     """Scores of one reconstruction against the truth.
@@ -127,7 +138,12 @@ class ReconstructionScore:
         best_psnr_per_image: Per true image, the best PSNR of any reconstruction in the batch.
         judge_label: The judge's class for each paired reconstruction (``None``: no judge).
         judge_true_prob: The judge's probability of the true class.
-        recognized: Judge names the true class and SSIM >= :func:`recognized_min_ssim`.
+        recognized: Judge names the true class and SSIM >= :func:`recognized_min_ssim`: what it
+            shows is recognizable as the true class.
+        specific: Recognized, and more similar to its own image than to
+            :data:`SPECIFIC_QUANTILE` of real images of the same class: it shows *that* image,
+            not a shape typical of the class (which a model can produce from the label alone).
+        class_ssim: Per image, that quantile of SSIMs to real images of the true class.
     """
 
     mse: float
@@ -141,6 +157,8 @@ class ReconstructionScore:
     judge_label: Optional[List[int]] = None
     judge_true_prob: Optional[List[float]] = None
     recognized: Optional[List[bool]] = None
+    specific: Optional[List[bool]] = None
+    class_ssim: Optional[List[float]] = None
 
     @property
     def recognized_fraction(self) -> float:
@@ -149,6 +167,13 @@ class ReconstructionScore:
             return math.nan
         return sum(self.recognized) / max(1, len(self.recognized))
 
+    @property
+    def specific_fraction(self) -> float:
+        """Share of true images reconstructed specifically (NaN without a judge's references)."""
+        if self.specific is None:
+            return math.nan
+        return sum(self.specific) / max(1, len(self.specific))
+
     def as_row(self) -> Dict[str, float]:
         return {
             "mse": self.mse,
@@ -156,6 +181,7 @@ class ReconstructionScore:
             "ssim": self.ssim,
             "label_acc": self.label_accuracy,
             "recognized": self.recognized_fraction,
+            "specific": self.specific_fraction,
         }
 
     def image_rows(self, true_labels: Optional[Sequence[int]] = None) -> List[Dict[str, object]]:
@@ -174,6 +200,8 @@ class ReconstructionScore:
                 "judge_label": "" if self.judge_label is None else self.judge_label[i],
                 "judge_true_prob": "" if self.judge_true_prob is None else self.judge_true_prob[i],
                 "recognized": "" if self.recognized is None else int(self.recognized[i]),
+                "class_ssim": "" if self.class_ssim is None else self.class_ssim[i],
+                "specific": "" if self.specific is None else int(self.specific[i]),
             }
             rows.append(row)
         return rows
@@ -210,7 +238,7 @@ def score_reconstruction(
         if recovered_labels is not None and true_labels is not None
         else math.nan
     )
-    judge_label = judge_prob = recognized = None
+    judge_label = judge_prob = recognized = specific = class_ssim = None
     if judge is not None and true_labels is not None:
         true_t = torch.as_tensor(true_labels).long().reshape(-1)
         predicted, probs = judge.predict(paired)
@@ -220,6 +248,18 @@ def score_reconstruction(
         recognized = [
             bool(int(p) == int(t) and float(s) >= floor) for p, t, s in zip(predicted, true_t, sims)
         ]
+        references = getattr(judge, "references", None)
+        if references:
+            class_ssim, specific = [], []
+            for i, t in enumerate(true_t.tolist()):
+                refs = references.get(int(t))
+                level = (
+                    class_similarity(paired[i].clamp(0, 1), refs, SPECIFIC_QUANTILE)
+                    if refs is not None and recognized[i]
+                    else math.nan
+                )
+                class_ssim.append(level)
+                specific.append(bool(recognized[i] and float(sims[i]) > level))
     return ReconstructionScore(
         mse=float(errors.mean()),
         psnr=float(peaks.mean()),
@@ -232,6 +272,8 @@ def score_reconstruction(
         judge_label=judge_label,
         judge_true_prob=judge_prob,
         recognized=recognized,
+        specific=specific,
+        class_ssim=class_ssim,
     )
 
 
@@ -253,7 +295,7 @@ def mean_std(values: Iterable[float]) -> Dict[str, float]:
 def aggregate_rows(
     rows: Sequence[Mapping[str, object]],
     group_by: Sequence[str],
-    metrics: Sequence[str] = ("psnr", "ssim", "mse", "label_acc", "recognized"),
+    metrics: Sequence[str] = ("psnr", "ssim", "mse", "label_acc", "recognized", "specific"),
     success_psnr: Optional[float] = None,
 ) -> List[Dict[str, object]]:
     """Group per-run rows (one per seed) and summarize each metric as mean and spread.
@@ -288,6 +330,8 @@ def aggregate_rows(
 __all__ = [
     "RECOGNIZED_MIN_SSIM",
     "RECOGNIZED_MIN_SSIM_SMALL",
+    "SPECIFIC_QUANTILE",
+    "class_similarity",
     "ReconstructionScore",
     "aggregate_rows",
     "label_accuracy",

@@ -188,6 +188,98 @@ def psnr_vs_rate(
     return _save(fig, path)
 
 
+class _Mosaic:
+    """Many small images drawn as one picture in one axes (fast: one ``imshow`` per figure).
+
+    Cells are laid out on a grid of ``rows x columns``; each cell holds one image (or nothing),
+    an optional caption above it and an optional coloured frame.
+    """
+
+    def __init__(self, rows: int, columns: int, side: int, channels: int, gap: int = None):
+        self.rows, self.columns, self.side = rows, columns, side
+        self.gap = max(2, side // 4) if gap is None else gap
+        self.pitch_y = side + 2 * self.gap  # room for the caption
+        self.pitch_x = side + self.gap
+        shape = (rows * self.pitch_y + self.gap, columns * self.pitch_x + self.gap)
+        self.canvas = np.ones(shape + ((3,) if channels == 3 else ()), dtype=np.float32)
+        self.channels = channels
+        self.captions: List[Tuple[float, float, str, str]] = []
+        self.frames: List[Tuple[int, int, str]] = []
+        self.row_labels: List[Tuple[float, str]] = []
+
+    def _origin(self, row: int, column: int) -> Tuple[int, int]:
+        return row * self.pitch_y + 2 * self.gap, column * self.pitch_x + self.gap
+
+    def put(
+        self,
+        row: int,
+        column: int,
+        image,
+        caption: str = "",
+        color: str = "black",
+        frame: Optional[str] = None,
+    ) -> None:
+        array, _ = to_display(image)
+        y, x = self._origin(row, column)
+        self.canvas[y : y + self.side, x : x + self.side] = array
+        if caption:
+            self.captions.append((x + self.side / 2, y - 0.6, caption, color))
+        if frame:
+            self.frames.append((row, column, frame))
+
+    def label_row(self, row: int, text: str) -> None:
+        y, _ = self._origin(row, 0)
+        self.row_labels.append((y + self.side / 2, text))
+
+    def draw(
+        self,
+        path: Union[str, Path],
+        title: str = "",
+        cell_inches: float = 0.62,
+        fontsize: float = 6,
+        label_inches: float = 0.0,
+    ) -> Path:
+        height = self.rows * cell_inches * self.pitch_y / self.pitch_x + 0.45
+        width = self.columns * cell_inches + 0.2 + label_inches
+        fig = plt.figure(figsize=(width, height))
+        ax = fig.add_axes([label_inches / width, 0.0, 1 - label_inches / width, 1 - 0.4 / height])
+        cmap = None if self.channels == 3 else "gray"
+        ax.imshow(self.canvas, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        for x, y, text, color in self.captions:
+            ax.text(x, y, text, ha="center", va="bottom", fontsize=fontsize, color=color)
+        for row, column, color in self.frames:
+            y, x = self._origin(row, column)
+            ax.add_patch(
+                plt.Rectangle(
+                    (x - 1.0, y - 1.0),
+                    self.side + 1,
+                    self.side + 1,
+                    fill=False,
+                    edgecolor=color,
+                    linewidth=1.5,
+                )
+            )
+        for y, text in self.row_labels:
+            ax.text(-self.gap, y, text, ha="right", va="center", fontsize=fontsize + 0.5)
+        ax.set_axis_off()
+        if title:
+            fig.suptitle(title, fontsize=fontsize + 2, y=1 - 0.05 / height)
+        return _save(fig, path)
+
+
+def _mark(score, i: int) -> Tuple[str, str]:
+    """Caption suffix and colour of reconstruction ``i``: specific, class-level or neither."""
+    if score.specific and score.specific[i]:
+        return " ok", "tab:green"
+    if score.recognized and score.recognized[i]:
+        return " cls", "tab:orange"
+    return "", "black"
+
+
+def _image_side(images: torch.Tensor) -> Tuple[int, int]:
+    return int(images.shape[-1]), int(images.shape[-3]) if images.dim() >= 3 else 1
+
+
 def batch_grid(
     truth: torch.Tensor,
     recon: torch.Tensor,
@@ -212,33 +304,24 @@ def batch_grid(
     n = truth.shape[0]
     per_row = max(1, min(per_row, n))
     groups = math.ceil(n / per_row)
-    fig, axes = plt.subplots(
-        2 * groups,
-        per_row,
-        figsize=(0.75 * per_row + 0.3, 1.65 * groups + 0.5),
-        squeeze=False,
-        layout="constrained",
-    )
+    side, channels = _image_side(truth)
+    mosaic = _Mosaic(2 * groups, per_row, side, channels)
     recognized = score.recognized or [False] * n
-    for i in range(groups * per_row):
+    for i in range(n):
         g, c = divmod(i, per_row)
-        top, bottom = axes[2 * g][c], axes[2 * g + 1][c]
-        if i >= n:
-            top.axis("off")
-            bottom.axis("off")
-            continue
         head = f"#{i}" if labels is None else f"#{i} y={int(labels[i])}"
-        _show(top, truth[i], head, fontsize=6)
-        mark = " ok" if recognized[i] else ""
-        _show(bottom, recon[score.assignment[i]], f"{score.psnr_per_image[i]:.0f}dB{mark}", 6)
-        if recognized[i]:
-            for spine in bottom.spines.values():
-                spine.set_visible(True)
-                spine.set_color("tab:green")
-                spine.set_linewidth(2)
-    if title:
-        fig.suptitle(title + "\ntop: true, below: reconstruction; ok = recognizable", fontsize=7)
-    return _save(fig, path)
+        mosaic.put(2 * g, c, truth[i], head)
+        ok = recognized[i]
+        mosaic.put(
+            2 * g + 1,
+            c,
+            recon[score.assignment[i]],
+            f"{score.psnr_per_image[i]:.0f}dB" + (" ok" if ok else ""),
+            "tab:green" if ok else "black",
+            "tab:green" if ok else None,
+        )
+    note = "top: true, below: reconstruction (dB); green = recognizable"
+    return mosaic.draw(path, f"{title}\n{note}" if title else note)
 
 
 def batch_rows(
@@ -252,66 +335,63 @@ def batch_rows(
     paired reconstructions per entry of ``rows`` (``(label, reconstruction, score)``), PSNR
     above each image."""
     n = truth.shape[0] if limit is None else min(limit, truth.shape[0])
-    fig, axes = plt.subplots(
-        len(rows) + 1,
-        n,
-        figsize=(0.8 * n + 1.0, 1.0 * (len(rows) + 1) + 0.5),
-        squeeze=False,
-        layout="constrained",
-    )
+    side, channels = _image_side(truth)
+    mosaic = _Mosaic(len(rows) + 1, n, side, channels)
     for c in range(n):
-        _show(axes[0][c], truth[c], f"#{c}", fontsize=6)
-    axes[0][0].set_ylabel("truth", fontsize=7, rotation=0, ha="right", va="center")
+        mosaic.put(0, c, truth[c], f"#{c}")
+    mosaic.label_row(0, "truth")
     for r, (label, recon, score) in enumerate(rows, start=1):
         recognized = score.recognized or [False] * truth.shape[0]
         for c in range(n):
-            mark = "*" if recognized[c] else ""
-            _show(axes[r][c], recon[score.assignment[c]], f"{score.psnr_per_image[c]:.0f}{mark}", 6)
-        axes[r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title + " (dB; * = recognizable)", fontsize=8)
-    return _save(fig, path)
+            ok = recognized[c]
+            mosaic.put(
+                r,
+                c,
+                recon[score.assignment[c]],
+                f"{score.psnr_per_image[c]:.0f}",
+                "tab:green" if ok else "black",
+                "tab:green" if ok else None,
+            )
+        mosaic.label_row(r, label)
+    note = "(dB; green = recognizable)"
+    return mosaic.draw(path, f"{title} {note}" if title else note, label_inches=1.6)
 
 
 def audit_overview(entries: Sequence[Tuple[str, object]], path: Union[str, Path], show: int = 10):
-    """One block per setting: its most recognizable attacked batch (first ``show`` images),
-    true images above reconstructions, with the verdict numbers in the row label."""
-    rows = len(entries)
-    fig, axes = plt.subplots(
-        2 * rows,
-        show,
-        figsize=(0.8 * show + 2.2, 1.7 * rows + 0.4),
-        squeeze=False,
-        layout="constrained",
-    )
+    """One block per setting: its most recognizable attacked batch (``show`` images,
+    recognizable first, then by SSIM), true images above reconstructions."""
+    side, channels = _image_side(entries[0][1].notes["truth"])
+    mosaic = _Mosaic(2 * len(entries), show, side, channels)
     for r, (key, outcome) in enumerate(entries):
         truth = outcome.notes["truth"]
         recon = outcome.notes["reconstruction"]
         score = outcome.score
-        label = (
-            f"{key}\n{outcome.round} {outcome.attacker}\n"
-            f"{outcome.recognized}/{outcome.items} recog."
-        )
-        # Recognizable images first, then the most similar ones.
         recognized = score.recognized or [False] * truth.shape[0]
         order = sorted(
             range(truth.shape[0]), key=lambda i: (not recognized[i], -score.ssim_per_image[i])
         )
-        for c in range(show):
-            top, bottom = axes[2 * r][c], axes[2 * r + 1][c]
-            if c >= truth.shape[0]:
-                top.axis("off")
-                bottom.axis("off")
-                continue
-            i = order[c]
-            _show(top, truth[i], f"#{i}", fontsize=6)
-            mark = " ok" if recognized[i] else ""
-            _show(bottom, recon[score.assignment[i]], f"{score.psnr_per_image[i]:.0f}dB{mark}", 6)
-        axes[2 * r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle(
-        "What the server reconstructs (top: true images, below: reconstructions)", fontsize=9
+        for c, i in enumerate(order[:show]):
+            mosaic.put(2 * r, c, truth[i], f"#{i}")
+            ok = recognized[i]
+            mosaic.put(
+                2 * r + 1,
+                c,
+                recon[score.assignment[i]],
+                f"{score.psnr_per_image[i]:.0f}dB" + (" ok" if ok else ""),
+                "tab:green" if ok else "black",
+                "tab:green" if ok else None,
+            )
+        mosaic.label_row(2 * r, key)
+        mosaic.label_row(
+            2 * r + 1,
+            f"{outcome.round} {outcome.attacker}\n" f"{outcome.recognized}/{outcome.items} recog.",
+        )
+    return mosaic.draw(
+        path,
+        "What the server reconstructs (true above reconstructed; green: specific to its image, "
+        "orange: only its class)",
+        label_inches=1.6,
     )
-    return _save(fig, path)
 
 
 def _finite_psnr(value: float, cap: float = 100.0) -> float:

@@ -61,6 +61,7 @@ CSV_FIELDS = [
     "ssim",
     "label_acc",
     "recognized",
+    "specific",
     "true_label",
     "recovered_label",
     "status",
