@@ -393,18 +393,17 @@ def idlg(
     label: Optional[torch.Tensor] = None,
     options: Optional[AttackOptions] = None,
     loss_fn: Callable = soft_cross_entropy,
-    label_method: str = "count",
     **overrides,
 ) -> AttackResult:
     """Improved DLG: labels from :func:`~sf_ext.dlg.labels.infer_labels`, then L-BFGS on the input.
 
-    Arguments as in :func:`dlg`; ``label`` overrides the inferred labels (e.g. a known label) and
-    ``label_method`` chooses the batch rule (``"count"`` or ``"sign"``).
+    Arguments as in :func:`dlg`; ``label`` overrides the inferred labels (e.g. a known label);
+    ``options.label_method`` chooses the batch rule (``"count"`` or ``"sign"``).
     ``details["inferred_label"]`` holds what the gradient revealed.
     """
     opts = options_from(options, overrides).resolved("idlg")
     shape = _normalize_shape(input_shape)
-    inferred, chosen = _chosen_labels(model, observed, shape, label, label_method)
+    inferred, chosen = _chosen_labels(model, observed, shape, label, opts.label_method)
     matcher = GradientMatcher(model, observed, masks, opts.distance, loss_fn)
     result = _lbfgs_inversion(
         "idlg", matcher, shape, num_classes, chosen, opts, _device_of(model, opts.device)
@@ -505,7 +504,6 @@ def inverting_gradients(
     label: Optional[torch.Tensor] = None,
     options: Optional[AttackOptions] = None,
     loss_fn: Callable = soft_cross_entropy,
-    label_method: str = "count",
     **overrides,
 ) -> AttackResult:
     """Inverting-Gradients style attack: cosine distance + total variation, Adam, restarts.
@@ -525,7 +523,7 @@ def inverting_gradients(
     opts = options_from(options, overrides).resolved("ig")
     shape = _normalize_shape(input_shape)
     dev = _device_of(model, opts.device)
-    inferred, chosen = _chosen_labels(model, observed, shape, label, label_method)
+    inferred, chosen = _chosen_labels(model, observed, shape, label, opts.label_method)
     chosen = chosen.to(dev)
     matcher = GradientMatcher(model, observed, masks, opts.distance, loss_fn)
 
@@ -637,7 +635,6 @@ def multistep(
     options: Optional[AttackOptions] = None,
     loss_fn: Callable = soft_cross_entropy,
     clients: Optional[Sequence[ClientModel]] = None,
-    label_method: str = "count",
     **overrides,
 ) -> AttackResult:
     """Optimizer-aware inversion of a weight update after ``steps`` local steps.
@@ -665,7 +662,6 @@ def multistep(
         clients: For an aggregate: one :class:`ClientModel` per client whose update is in the
             observation (batch size, steps, weight in the combination, training masks). Default:
             one client with ``input_shape[0]``, ``steps``, weight 1 and ``masks``.
-        label_method: ``"count"`` or ``"sign"`` for the recovered labels.
         **overrides: Fields of ``options`` for this call.
 
     Returns:
@@ -686,7 +682,7 @@ def multistep(
         labels, label_source = torch.as_tensor(label).long().reshape(-1), "given"
     else:
         labels, label_source = _multistep_labels(
-            model, observed, clients, optimizer, item_shape, label_method
+            model, observed, clients, optimizer, item_shape, opts.label_method
         )
     labels = labels.to(dev)
     total = sum(c.items for c in clients)

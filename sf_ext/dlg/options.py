@@ -49,6 +49,9 @@ class AttackOptions:
             1e-2, which suits 28x28 grayscale images in [0, 1]).
         boxed: Keep the dummy input in ``[0, 1]`` (``ig``/``multistep``).
         signed: Step along the sign of the input gradient, as Inverting Gradients does.
+        label_method: How ``idlg``, ``ig`` and ``multistep`` read a batch's labels: ``"count"``
+            (class counts from the output layer, repeats and missing classes included) or
+            ``"sign"`` (classes with a negative output-bias gradient, iDLG's rule).
         soft_sign: Adam simulation only: the denominator ``sqrt(v)`` becomes ``sqrt(v + c^2)``
             with ``c`` this multiple of the tensor's mean ``sqrt(v)``, which turns Adam's
             near-sign update into a smooth function of the input (exact Adam has almost zero
@@ -69,6 +72,7 @@ class AttackOptions:
     tv_weight: Optional[float] = None
     boxed: bool = True
     signed: bool = True
+    label_method: str = "count"
     soft_sign: float = 1.0
 
     def __post_init__(self):
@@ -82,6 +86,8 @@ class AttackOptions:
             raise ValueError(f"restarts must be an integer >= 0, got {self.restarts!r}")
         if self.distance is not None and self.distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.label_method not in ("count", "sign"):
+            raise ValueError(f"label_method must be 'count' or 'sign', got {self.label_method!r}")
         if self.snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {self.snapshot_every!r}")
         for name in ("lr", "restart_above"):

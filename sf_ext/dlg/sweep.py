@@ -174,6 +174,7 @@ class SweepConfig:
             seed=seed,
             device=self.device,
             snapshot_every=self.snapshot_every,
+            label_method=self.label_method,
         )
 
     def iters_for(self, attack: str) -> int:
@@ -327,8 +328,6 @@ def run_one(
     }
     if target.loss_fn is not None:
         kwargs["loss_fn"] = target.loss_fn
-    if attack != "dlg":
-        kwargs["label_method"] = config.label_method
     if attack == "multistep":
         if target.update is not None:
             # The upload as sent: simulate the client's own optimizer over its local steps.
