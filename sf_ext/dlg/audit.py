@@ -387,7 +387,6 @@ def run_audit(user: FLSetting, options: AuditOptions) -> AuditResult:
         rounds = round_pairs(setting, options.rounds)
         if train_file.is_file():
             training = json.loads(train_file.read_text())  # resumed: already trained
-            round_dirs = [Path(p) for p in training["rounds"]]
         else:
             run = run_setting(
                 setting, out / key / "rounds", rounds, options.progress, options.device
@@ -396,11 +395,10 @@ def run_audit(user: FLSetting, options: AuditOptions) -> AuditResult:
                 "accuracy": run.val_accuracy,
                 "kept_fraction": run.kept_fraction,
                 "seconds": run.wall_time_s,
-                "rounds": [str(p) for p in run.rounds],
+                "rounds": [p.name for p in run.rounds],
             }
             train_file.write_text(json.dumps(training, indent=2) + "\n")
-            folder.record(train_file, *[p / "round.json" for p in run.rounds])
-            round_dirs = run.rounds
+        round_dirs = [out / key / "rounds" / Path(name).name for name in training["rounds"]]
         folder.record(*[p for p in (out / key).rglob("*") if p.is_file()])
         outcomes: List[ViewOutcome] = []
         jobs = []
