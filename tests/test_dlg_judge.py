@@ -84,6 +84,18 @@ def test_a_shape_typical_of_the_class_is_recognizable_but_not_specific(digits_ju
     assert score.specific_fraction < 0.5 * score.recognized_fraction
 
 
+def test_one_shape_returned_for_several_images_is_not_specific_to_any(digits_judge, digits_images):
+    x, y = digits_images
+    label = int(y[0])
+    members = [i for i, v in enumerate(y.tolist()) if v == label][:3]
+    truth = x[members]
+    collapsed = truth[:1].expand(3, -1, -1, -1)  # every dummy ended on the same picture
+    score = score_reconstruction(collapsed, truth, None, [label] * 3, digits_judge)
+    assert score.recognized[0] and not any(score.specific)
+    honest = score_reconstruction(truth, truth, None, [label] * 3, digits_judge)
+    assert all(honest.specific)
+
+
 def test_best_match_over_the_batch_and_per_image_rows(digits_judge, digits_images):
     x, y = digits_images
     truth = x[:4]

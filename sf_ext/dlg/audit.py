@@ -327,6 +327,7 @@ class SettingOutcome:
     train_seconds: float
     outcomes: List[ViewOutcome]
     figures: List[Path] = field(default_factory=list)
+    resumed: bool = False
 
     @property
     def verdict(self) -> str:
@@ -385,8 +386,9 @@ def run_audit(user: FLSetting, options: AuditOptions) -> AuditResult:
     for key, setting in tqdm(settings, desc="audit settings", disable=not options.progress):
         train_file = out / key / "training.json"
         rounds = round_pairs(setting, options.rounds)
-        if train_file.is_file():
-            training = json.loads(train_file.read_text())  # resumed: already trained
+        resumed = train_file.is_file()
+        if resumed:
+            training = json.loads(train_file.read_text())  # already trained
         else:
             run = run_setting(
                 setting, out / key / "rounds", rounds, options.progress, options.device
@@ -426,6 +428,7 @@ def run_audit(user: FLSetting, options: AuditOptions) -> AuditResult:
                 training["kept_fraction"],
                 training["seconds"],
                 outcomes,
+                resumed=resumed,
             )
         )
     files = _write_outputs(out, results, judge, plots)
@@ -618,10 +621,15 @@ def _write_report(out, user, options, results, judge, wall) -> Path:
     for s in results:
         acc = " ".join(f"{a:.3f}" for a in s.accuracy)
         lines.append(f"| {s.key} | {acc} | {s.kept_fraction:.3f} | {s.train_seconds:.0f} |")
+    resumed = (
+        " (this run read trainings and attacks back from an earlier one)"
+        if any(s.resumed for s in results)
+        else ""
+    )
     lines += [
         "",
-        f"Wall time of the audit: {wall:.0f} s. Per-image scores: `images.csv`; per attack: "
-        "`views.csv`; every image of every attacked batch: `figures/`.",
+        f"Wall time of the audit: {wall:.0f} s{resumed}. Per-image scores: `images.csv`; per "
+        "attack: `views.csv`; every image of every attacked batch: `figures/`.",
         "",
     ]
     notes = [

@@ -113,8 +113,24 @@ def recognized_min_ssim(side: int) -> float:
 
 
 #: A recognizable reconstruction is *specific* (shows that image, not only its class) when its
-#: SSIM to its own image exceeds this quantile of its SSIMs to real images of the same class.
+#: SSIM to its own image exceeds this quantile of its SSIMs to real images of the same class...
 SPECIFIC_QUANTILE = 0.9
+#: ... and no other reconstruction of the batch is a near copy of it (SSIM at least this): when
+#: several dummies collapse onto one shape, that shape is what the class looks like to the model.
+DUPLICATE_SSIM = 0.9
+
+
+def _has_near_copy(paired: torch.Tensor, truth: torch.Tensor, i: int) -> bool:
+    """Whether the reconstruction paired with another image is a near copy of reconstruction
+    ``i`` although the two true images differ clearly (by 0.15 SSIM or more)."""
+    if paired.shape[0] < 2:
+        return False
+    keep = [j for j in range(paired.shape[0]) if j != i]
+    others, other_truth = paired[keep].clamp(0, 1), truth[keep]
+    recon_similarity = ssim(paired[i : i + 1].clamp(0, 1).expand_as(others), others)
+    truth_similarity = ssim(truth[i : i + 1].expand_as(other_truth), other_truth)
+    copies = (recon_similarity >= DUPLICATE_SSIM) & (recon_similarity > truth_similarity + 0.15)
+    return bool(copies.any())
 
 
 def class_similarity(recon: torch.Tensor, references: torch.Tensor, q: float) -> float:
@@ -140,9 +156,10 @@ class ReconstructionScore:
         judge_true_prob: The judge's probability of the true class.
         recognized: Judge names the true class and SSIM >= :func:`recognized_min_ssim`: what it
             shows is recognizable as the true class.
-        specific: Recognized, and more similar to its own image than to
-            :data:`SPECIFIC_QUANTILE` of real images of the same class: it shows *that* image,
-            not a shape typical of the class (which a model can produce from the label alone).
+        specific: Recognized, more similar to its own image than to :data:`SPECIFIC_QUANTILE` of
+            real images of the same class, and not a near copy (:data:`DUPLICATE_SSIM`) of the
+            reconstruction paired with another image: it shows *that* image, not a shape
+            typical of the class (which a model can produce from the label alone).
         class_ssim: Per image, that quantile of SSIMs to real images of the true class.
     """
 
@@ -260,6 +277,9 @@ def score_reconstruction(
                 )
                 class_ssim.append(level)
                 specific.append(bool(recognized[i] and float(sims[i]) > level))
+            for i in range(len(specific)):
+                if specific[i] and _has_near_copy(paired, truth, i):
+                    specific[i] = False
     return ReconstructionScore(
         mse=float(errors.mean()),
         psnr=float(peaks.mean()),
@@ -330,6 +350,7 @@ def aggregate_rows(
 __all__ = [
     "RECOGNIZED_MIN_SSIM",
     "RECOGNIZED_MIN_SSIM_SMALL",
+    "DUPLICATE_SSIM",
     "SPECIFIC_QUANTILE",
     "class_similarity",
     "ReconstructionScore",

@@ -117,8 +117,8 @@ def upload_view(capture: CapturedRound, attacker: str = "naive") -> ServerView:
         if float(capture.meta.get("update_keep", 1.0)) < 1:
             # Update pruning: the entries the client did not send are exactly zero in the update.
             masks = [(u != 0) if m is None else (m & (u != 0)) for u, m in zip(update, masks)]
-        if all(m is None for m in masks):
-            masks = None
+        if all(m is None or bool(m.all()) for m in masks):
+            masks = None  # nothing pruned: the mask-aware attacker sees what the naive one sees
     model = capture.build_model()
     client = ClientModel(
         batch_size=capture.input_shape[0],
