@@ -433,8 +433,12 @@ def run_audit(user: FLSetting, options: AuditOptions) -> AuditResult:
         )
     files = _write_outputs(out, results, judge, plots)
     wall = time.perf_counter() - started
-    report = _write_report(out, user, options, results, judge, wall)
-    folder.complete(*files, report)
+    timing_file = out / "timing.json"
+    if not timing_file.is_file():  # the run that trained and attacked
+        timing_file.write_text(json.dumps({"first_run_wall_s": wall}) + "\n")
+    first_wall = json.loads(timing_file.read_text())["first_run_wall_s"]
+    report = _write_report(out, user, options, results, judge, wall, first_wall)
+    folder.complete(*files, report, timing_file)
     return AuditResult(results, out, wall, report)
 
 
@@ -560,7 +564,7 @@ def _format_setting(setting: FLSetting) -> str:
     return setting.label()
 
 
-def _write_report(out, user, options, results, judge, wall) -> Path:
+def _write_report(out, user, options, results, judge, wall, first_wall=None) -> Path:
     sides = [o.notes["truth"].shape[-1] for s in results for o in s.outcomes]
     floor = recognized_min_ssim(min(sides) if sides else 28)
     lines = [
