@@ -103,11 +103,69 @@ POINTS = [
 ATTACK = AttackOptions(iters=600, restarts=1, distance="cosine")
 
 
-def run_point(key, changes, seed, out: Path, judge, cache) -> dict:
+def rescore_point(row: dict, out: Path, judge) -> dict:
+    """Score a finished point again from its saved reconstructions (after a change of the
+    recognizability rule), without training or attacking."""
+    key, seed = row["point"], row["seed"]
+    for entry in row["views"]:
+        round_dir = out / "rounds" / f"{key}_seed{seed}" / entry["round"]
+        view = next(
+            v for v in server_views(load_round(round_dir)) if v.attacker == entry["attacker"]
+        )
+        saved = torch.load(
+            out
+            / "reconstructions"
+            / f"{key}_seed{seed}_{entry['round']}_{view.slug}_{view.attacker}.pt"
+        )
+        from sf_ext.dlg.metrics import score_reconstruction
+
+        score = score_reconstruction(
+            saved["reconstruction"],
+            view.truth,
+            saved["labels"].tolist(),
+            view.labels.tolist(),
+            judge,
+        )
+        entry.update(
+            recognized=sum(score.recognized),
+            recognized_share=sum(score.recognized) / len(view.labels),
+            specific=sum(score.specific),
+            specific_share=sum(score.specific) / len(view.labels),
+            ssim=score.ssim,
+            psnr=score.psnr,
+        )
+        if seed == 0:
+            plots.batch_grid(
+                view.truth,
+                saved["reconstruction"],
+                score,
+                out / "figures" / f"{key}_{entry['round']}_{view.slug}_{view.attacker}.png",
+                title=f"{key}: {entry['round']}, {view.name}, {view.attacker}",
+                labels=view.labels.tolist(),
+            )
+    views = row["views"]
+    best = max(views, key=lambda v: (v["specific_share"], v["recognized_share"], v["ssim"]))
+    row.update(
+        best_specific_share=best["specific_share"],
+        best_recognized_share=max(v["recognized_share"] for v in views),
+        best_ssim=best["ssim"],
+        best_psnr=best["psnr"],
+        best_view=f"{best['round']} {best['view']} ({best['attacker']})",
+        first_round_specific_share=max(v["specific_share"] for v in views if v["round"] == "e0_s0"),
+        last_round_specific_share=max(v["specific_share"] for v in views if v["round"] != "e0_s0"),
+    )
+    return row
+
+
+def run_point(key, changes, seed, out: Path, judge, cache, rescore: bool = False) -> dict:
     """Train one point for one seed, attack its recorded rounds, return the result row."""
     file = out / "points" / f"{key}_seed{seed}.json"
     if file.is_file():
-        return json.loads(file.read_text())
+        row = json.loads(file.read_text())
+        if rescore:
+            row = rescore_point(row, out, judge)
+            file.write_text(json.dumps(row, indent=2) + "\n")
+        return row
     setting = BASE.replace(seed=seed, name=key, **changes)
     started = time.perf_counter()
     run = run_setting(setting, out / "rounds" / f"{key}_seed{seed}", progress=False)
@@ -283,6 +341,12 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--points", default=",".join(k for k, _, _ in POINTS))
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score finished points again from their saved "
+        "reconstructions (no training, no attack)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -301,7 +365,7 @@ def main() -> int:
                 continue
             if args.summary_only and not (out / "points" / f"{key}_seed{seed}.json").is_file():
                 continue
-            row = run_point(key, changes, seed, out, judge, cache)
+            row = run_point(key, changes, seed, out, judge, cache, args.rescore)
             rows.append(row)
             print(
                 f"{key} seed {seed}: accuracy {row['accuracy']:.3f}, specific "

@@ -625,11 +625,10 @@ def _write_report(out, user, options, results, judge, wall, first_wall=None) -> 
     for s in results:
         acc = " ".join(f"{a:.3f}" for a in s.accuracy)
         lines.append(f"| {s.key} | {acc} | {s.kept_fraction:.3f} | {s.train_seconds:.0f} |")
-    resumed = (
-        " (this run read trainings and attacks back from an earlier one)"
-        if any(s.resumed for s in results)
-        else ""
-    )
+    resumed = ""
+    if any(s.resumed for s in results):
+        took = f", which took {first_wall:.0f} s" if first_wall else ""
+        resumed = f" (this run read trainings and attacks back from an earlier one{took})"
     lines += [
         "",
         f"Wall time of the audit: {wall:.0f} s{resumed}. Per-image scores: `images.csv`; per "
