@@ -145,7 +145,8 @@ def _print_tables(record: dict) -> None:
             )
         print(
             f"(recognizable: the judge classifier, accuracy {panel['judge_accuracy']:.3f} on "
-            "real images, names the true class and SSIM >= 0.3)"
+            f"real images, names the true class and SSIM >= {panel.get('ssim_floor', 0.3):g}; "
+            "specific: also closer to its own image than to 90 % of images of its class)"
         )
 
 
@@ -327,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plt.close(fig)
     if panel_rows:
         fig = plt.figure(figsize=(13, 4.6))
-        outer = fig.add_gridspec(1, 2, width_ratios=[1.0, 1.25], wspace=0.25)
+        outer = fig.add_gridspec(1, 2, width_ratios=[1.0, 1.25], wspace=0.4)
         _accuracy_axes(fig.add_subplot(outer[0]), runs, name)
         _privacy_axes(fig, outer[1], panel_rows, truth)
         fig.suptitle(
@@ -357,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     folder.complete(*files)
     _print_tables(record)
     print(
-        f"\nSaved {', '.join(p.name for p in files if p.suffix in ('.png', '.json'))} "
+        f"\nSaved {', '.join(p.name for p in files if p.parent == folder.path)} "
         f"in {folder.path} ({record['wall_time_s']:.0f} s)"
     )
     return 0

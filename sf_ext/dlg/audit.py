@@ -389,7 +389,10 @@ def run_audit(user: FLSetting, options: AuditOptions) -> AuditResult:
         resumed = train_file.is_file()
         if resumed:
             training = json.loads(train_file.read_text())  # already trained
-        else:
+            names = [Path(name).name for name in training["rounds"]]
+            # Captures are large and not kept everywhere (e.g. in git): train again without them.
+            resumed = all((out / key / "rounds" / n / "round.json").is_file() for n in names)
+        if not resumed:
             run = run_setting(
                 setting, out / key / "rounds", rounds, options.progress, options.device
             )
