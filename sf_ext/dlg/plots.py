@@ -306,21 +306,18 @@ def batch_grid(
     groups = math.ceil(n / per_row)
     side, channels = _image_side(truth)
     mosaic = _Mosaic(2 * groups, per_row, side, channels)
-    recognized = score.recognized or [False] * n
     for i in range(n):
         g, c = divmod(i, per_row)
         head = f"#{i}" if labels is None else f"#{i} y={int(labels[i])}"
         mosaic.put(2 * g, c, truth[i], head)
-        ok = recognized[i]
-        mosaic.put(
-            2 * g + 1,
-            c,
-            recon[score.assignment[i]],
-            f"{score.psnr_per_image[i]:.0f}dB" + (" ok" if ok else ""),
-            "tab:green" if ok else "black",
-            "tab:green" if ok else None,
-        )
-    note = "top: true, below: reconstruction (dB); green = recognizable"
+        mark, color = _mark(score, i)
+        frame = None if color == "black" else color
+        caption = f"{score.psnr_per_image[i]:.0f}dB{mark}"
+        mosaic.put(2 * g + 1, c, recon[score.assignment[i]], caption, color, frame)
+    note = (
+        "top: true, below: reconstruction (dB); green: specific to its image, "
+        "orange: only its class recognizable"
+    )
     return mosaic.draw(path, f"{title}\n{note}" if title else note)
 
 
@@ -341,25 +338,19 @@ def batch_rows(
         mosaic.put(0, c, truth[c], f"#{c}")
     mosaic.label_row(0, "truth")
     for r, (label, recon, score) in enumerate(rows, start=1):
-        recognized = score.recognized or [False] * truth.shape[0]
         for c in range(n):
-            ok = recognized[c]
-            mosaic.put(
-                r,
-                c,
-                recon[score.assignment[c]],
-                f"{score.psnr_per_image[c]:.0f}",
-                "tab:green" if ok else "black",
-                "tab:green" if ok else None,
-            )
+            _, color = _mark(score, c)
+            frame = None if color == "black" else color
+            caption = f"{score.psnr_per_image[c]:.0f}"
+            mosaic.put(r, c, recon[score.assignment[c]], caption, color, frame)
         mosaic.label_row(r, label)
-    note = "(dB; green = recognizable)"
+    note = "(dB; green: specific to its image, orange: only its class recognizable)"
     return mosaic.draw(path, f"{title} {note}" if title else note, label_inches=1.6)
 
 
 def audit_overview(entries: Sequence[Tuple[str, object]], path: Union[str, Path], show: int = 10):
-    """One block per setting: its most recognizable attacked batch (``show`` images,
-    recognizable first, then by SSIM), true images above reconstructions."""
+    """One block per setting: its most revealing attacked batch (``show`` images: specific ones
+    first, then recognizable ones, then by SSIM), true images above reconstructions."""
     side, channels = _image_side(entries[0][1].notes["truth"])
     mosaic = _Mosaic(2 * len(entries), show, side, channels)
     for r, (key, outcome) in enumerate(entries):
@@ -367,24 +358,21 @@ def audit_overview(entries: Sequence[Tuple[str, object]], path: Union[str, Path]
         recon = outcome.notes["reconstruction"]
         score = outcome.score
         recognized = score.recognized or [False] * truth.shape[0]
+        specific = score.specific or [False] * truth.shape[0]
         order = sorted(
-            range(truth.shape[0]), key=lambda i: (not recognized[i], -score.ssim_per_image[i])
+            range(truth.shape[0]),
+            key=lambda i: (not specific[i], not recognized[i], -score.ssim_per_image[i]),
         )
         for c, i in enumerate(order[:show]):
             mosaic.put(2 * r, c, truth[i], f"#{i}")
-            ok = recognized[i]
-            mosaic.put(
-                2 * r + 1,
-                c,
-                recon[score.assignment[i]],
-                f"{score.psnr_per_image[i]:.0f}dB" + (" ok" if ok else ""),
-                "tab:green" if ok else "black",
-                "tab:green" if ok else None,
-            )
+            mark, color = _mark(score, i)
+            frame = None if color == "black" else color
+            caption = f"{score.psnr_per_image[i]:.0f}dB{mark}"
+            mosaic.put(2 * r + 1, c, recon[score.assignment[i]], caption, color, frame)
         mosaic.label_row(2 * r, key)
         mosaic.label_row(
             2 * r + 1,
-            f"{outcome.round} {outcome.attacker}\n" f"{outcome.recognized}/{outcome.items} recog.",
+            f"{outcome.round} {outcome.attacker}\n{outcome.specific}/{outcome.items} specific",
         )
     return mosaic.draw(
         path,
