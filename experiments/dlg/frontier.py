@@ -262,9 +262,9 @@ def summarize(rows, out: Path) -> None:
     for row in rows:
         by_point.setdefault(row["point"], []).append(row)
     table = [
-        "| defence | point | test accuracy | specific (strongest attack) | first round | "
-        "last round | class recognizable | best SSIM | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| defence | point | test accuracy (mean ± std) | worst accuracy | specific (mean ± std) | "
+        "specific (worst seed) | first round | last round | class recognizable | best SSIM | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     csv_rows = []
     fig, ax = plt.subplots(figsize=(8, 5.2), layout="constrained")
@@ -279,8 +279,11 @@ def summarize(rows, out: Path) -> None:
         last = _ms([m["last_round_specific_share"] for m in members])
         rec = _ms([m["best_recognized_share"] for m in members])
         ssim = _ms([m["best_ssim"] for m in members])
+        worst_acc = min(m["accuracy"] for m in members)
+        worst_spec = max(m["best_specific_share"] for m in members)
         table.append(
-            f"| {family} | {key} | {acc[0]:.3f} ± {acc[1]:.3f} | {spec[0]:.2f} ± {spec[1]:.2f} "
+            f"| {family} | {key} | {acc[0]:.3f} ± {acc[1]:.3f} | {worst_acc:.3f} "
+            f"| {spec[0]:.2f} ± {spec[1]:.2f} | {worst_spec:.2f} "
             f"| {first[0]:.2f} | {last[0]:.2f} | {rec[0]:.2f} | {ssim[0]:.2f} | {len(members)} |"
         )
         csv_rows.append(
@@ -291,6 +294,8 @@ def summarize(rows, out: Path) -> None:
                 "accuracy_std": acc[1],
                 "specific_mean": spec[0],
                 "specific_std": spec[1],
+                "accuracy_worst": worst_acc,
+                "specific_worst": worst_spec,
                 "first_round_specific": first[0],
                 "last_round_specific": last[0],
                 "recognized_mean": rec[0],

@@ -1,5 +1,6 @@
 """Figures of a DLG sweep: reconstruction grids and PSNR against pruning rate (matplotlib, Agg)."""
 
+import textwrap
 import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -239,10 +240,16 @@ class _Mosaic:
         fontsize: float = 6,
         label_inches: float = 0.0,
     ) -> Path:
-        height = self.rows * cell_inches * self.pitch_y / self.pitch_x + 0.45
         width = self.columns * cell_inches + 0.2 + label_inches
+        # Narrow grids (a batch of 4) wrap the title instead of cutting it at the figure's edge.
+        chars_per_line = max(20, int(width * 72 / ((fontsize + 2) * 0.6)))
+        lines = textwrap.wrap(title, chars_per_line) if title else []
+        title_inches = 0.4 + 0.16 * max(0, len(lines) - 1)
+        height = self.rows * cell_inches * self.pitch_y / self.pitch_x + 0.05 + title_inches
         fig = plt.figure(figsize=(width, height))
-        ax = fig.add_axes([label_inches / width, 0.0, 1 - label_inches / width, 1 - 0.4 / height])
+        ax = fig.add_axes(
+            [label_inches / width, 0.0, 1 - label_inches / width, 1 - title_inches / height]
+        )
         cmap = None if self.channels == 3 else "gray"
         ax.imshow(self.canvas, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         for x, y, text, color in self.captions:
@@ -263,7 +270,7 @@ class _Mosaic:
             ax.text(-self.gap, y, text, ha="right", va="center", fontsize=fontsize + 0.5)
         ax.set_axis_off()
         if title:
-            fig.suptitle(title, fontsize=fontsize + 2, y=1 - 0.05 / height)
+            fig.suptitle("\n".join(lines), fontsize=fontsize + 2, y=1 - 0.05 / height)
         return _save(fig, path)
 
 
