@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import secretflow as sf
+import torch
 from secretflow.security.aggregation import SecureAggregator
 from secretflow_fl.ml.nn import FLModel
 
@@ -129,7 +130,121 @@ def test_configuration_errors_are_clear(sf_clients):
 def test_every_core_rule_has_an_adapter():
     from sf_ext.aggregators import AGGREGATORS
 
-    assert set(AGGREGATORS) - {"xmam"} == set(ROBUST_AGGREGATORS)
+    assert set(AGGREGATORS) == set(ROBUST_AGGREGATORS)
+
+
+def _tiny_net():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 5))
+
+
+ADAPTER_OPTIONS = {
+    "krum": {"f": 0},
+    "multi_krum": {"f": 0},
+    "bulyan": {"f": 0},
+    "dnc": {"f": 1},
+    "centered_clipping": {"tau": 0.5},
+}
+
+
+@pytest.mark.parametrize("method", sorted(ROBUST_AGGREGATORS))
+def test_every_adapter_matches_its_core_rule_for_two_rounds(sf_clients, method):
+    """Each SecretFlow adapter, fed the same client weights, equals the core rule called with
+    the same server context (global model, round, generator, party names, memory)."""
+    from sf_ext.aggregators import ServerContext, call_rule
+    from sf_ext.aggregators.robust_secretflow import _train_root
+    from sf_ext.params import ParamLayout
+
+    clients, server = sf_clients
+    parties = [c.party for c in clients]
+    options = ADAPTER_OPTIONS.get(method, {})
+    kwargs = dict(model_fn=_tiny_net, input_shape=(1, 4, 4), **options)
+    rng = np.random.default_rng(1)
+    root_x = rng.normal(size=(20, 1, 4, 4)).astype(np.float32)
+    root_y = rng.integers(0, 5, size=20)
+    if method == "fltrust":
+        kwargs.update(root_data=(root_x, root_y), root_lr=0.1)
+    aggregator = ROBUST_AGGREGATORS[method](server, clients, **kwargs)
+    torch.manual_seed(0)
+    model = _tiny_net()
+    layout = ParamLayout.from_module(model)
+    start = layout.flatten(model.state_dict())
+    first = [c(lambda w=layout.unflatten_numpy(start): w)() for c in clients]
+    initial = sf.reveal(aggregator.average(first, axis=0, weights=[1, 1, 1, 1]))
+    np.testing.assert_array_equal(layout.flatten(initial).numpy(), start.numpy())
+    generator = torch.Generator().manual_seed(0)
+    state, global_vec = {}, start.clone()
+    counts = [5.0, 10.0, 20.0, 40.0]
+    for round_index in range(2):
+        updates = torch.tensor(
+            rng.normal(0, 0.05, size=(4, layout.num_params)), dtype=torch.float32
+        )
+        updates[3] *= -4  # dave misbehaves a little
+        sent = [
+            c(lambda w=layout.unflatten_numpy(global_vec + u): w)()
+            for c, u in zip(clients, updates)
+        ]
+        result = sf.reveal(aggregator.average(sent, axis=0, weights=counts))
+        vectors = torch.stack(
+            [layout.flatten(layout.unflatten_numpy(global_vec + u)) for u in updates]
+        )
+        root_update = None
+        if method == "fltrust":
+            root_update = _train_root(
+                _tiny_net(), layout, global_vec, (root_x, root_y), 0.1, 1, 32, 0 + round_index
+            )
+        context = ServerContext(
+            layout=layout,
+            global_params=global_vec,
+            model=_tiny_net(),
+            input_shape=(1, 4, 4),
+            round_index=round_index,
+            generator=generator,
+            client_ids=parties,
+            state=state,
+            root_update=root_update,
+        )
+        expected, report = call_rule(
+            method,
+            vectors - global_vec,
+            torch.tensor(counts, dtype=torch.float64),
+            context,
+            **options,
+        )
+        global_vec = global_vec + expected
+        np.testing.assert_allclose(
+            layout.flatten(result).numpy(), global_vec.numpy(), rtol=1e-6, atol=1e-6
+        )
+        logged = aggregator.reports()[-1]
+        assert logged["kept"] == report.kept.tolist() and logged["parties"] == parties
+        assert logged["round"] == round_index and logged["method"] == report.method
+
+
+def test_one_client_cannot_choose_the_starting_model(sf_clients):
+    clients, server = sf_clients
+    for cls in (KrumAggregator, MedianAggregator, FlameAggregator):
+        aggregator = cls(server, clients, **({"f": 0} if cls is KrumAggregator else {}))
+        sent = [
+            c(lambda v=v: [np.full((2, 3), v, np.float32)])()
+            for c, v in zip(clients, [0, 0, 0, 100])
+        ]
+        start = sf.reveal(aggregator.average(sent, axis=0, weights=[1, 1, 1, 1]))
+        np.testing.assert_array_equal(start[0], np.zeros((2, 3), np.float32))
+
+
+def test_adapters_reject_misspelled_options(sf_clients):
+    clients, server = sf_clients
+    with pytest.raises(
+        ValueError, match="unknown option 'noise_lamda'.*did you mean 'noise_lambda'"
+    ):
+        FlameAggregator(server, clients, noise_lamda=0.0)
+    with pytest.raises(ValueError, match="server context the adapter fills itself"):
+        FlameAggregator(server, clients, global_params=np.zeros(3))
+    from sf_ext.aggregators.robust_secretflow import FLTrustAggregator, RobustAggregator
+
+    with pytest.raises(ValueError, match="needs model_fn and root_data"):
+        FLTrustAggregator(server, clients)
+    with pytest.raises(ValueError, match="unknown aggregator 'flme'"):
+        RobustAggregator(server, clients, method="flme")
 
 
 def test_attacking_party_breaks_fedavg_but_not_flame(sf_clients, four_client_data):
@@ -158,5 +273,50 @@ def test_enable_attack_refuses_what_one_client_cannot_do(sf_clients):
     )
     with pytest.raises(ValueError, match="cannot run inside one client"):
         enable_attack(fl, "dave", "min_max")
+    with pytest.raises(ValueError, match="cannot run inside one client"):
+        enable_attack(fl, "dave", "ipm")
     with pytest.raises(ValueError, match="not a client"):
         enable_attack(fl, "mallory", "sign_flip")
+    with pytest.raises(ValueError, match="unknown options \\['scal'\\]"):
+        enable_attack(fl, "dave", "sign_flip", scal=2.0)
+
+
+def test_every_single_client_attack_runs_inside_a_client_and_can_be_switched_off(
+    sf_clients, four_client_data
+):
+    """dave attacks with each registered single-client attack for one round, then turns honest:
+    what the server receives from him is the attack's output, then his honest weights."""
+    from sf_ext.aggregators.robust_secretflow import RobustAggregator
+    from sf_ext.attacks import ATTACKS
+    from sf_ext.strategies import enable_attack
+    from sf_ext.strategies.fed_avg_w_attack import single_client_attacks
+
+    assert set(single_client_attacks()) >= {"sign_flip", "same_value", "gaussian"}
+    clients, server = sf_clients
+    (train_x, train_y), _ = four_client_data
+    for name in single_client_attacks():
+        spec = ATTACKS[name]
+        aggregator = RobustAggregator(server, clients, method="median")
+        fl = FLModel(
+            server=server,
+            device_list=clients,
+            model=build_torch_model(LeNet, lr=3e-3),
+            aggregator=aggregator,
+            strategy="fed_avg_w_attack",
+            backend="torch",
+            random_seed=0,
+        )
+        enable_attack(fl, "dave", name)
+        fl.fit(train_x, train_y, epochs=1, batch_size=256, aggregate_freq=1, verbose=0)
+        attacked = aggregator.reports()[-1]
+        enable_attack(fl, "dave", None)
+        fl.fit(train_x, train_y, epochs=1, batch_size=256, aggregate_freq=1, verbose=0)
+        honest = aggregator.reports()[-1]
+        dave = attacked["parties"].index("dave")
+        # Scores measure the distance to the median: the attack makes dave the farthest party
+        # by far; once honest he looks like the others again.
+        others = [s for i, s in enumerate(attacked["scores"]) if i != dave]
+        assert attacked["scores"][dave] > 3 * max(others), (name, attacked["scores"])
+        others_h = [s for i, s in enumerate(honest["scores"]) if i != dave]
+        assert honest["scores"][dave] < 3 * max(others_h), (name, honest["scores"])
+        assert spec.single_client

@@ -121,10 +121,10 @@ def geometric_median(
     details.update(iterations=iterations, converged=converged, objective=objective)
     report = AggregationReport(
         method="rfa",
-        kept=weights > 0,
         weights=weights,
         scores=scatter(dist, usable, num_clients, float("inf")),
         non_finite=unusable,
         details=details,
+        selects=False,
     )
     return weighted_row_sum(matrix, weights), report

@@ -63,11 +63,11 @@ def _report(method, matrix, norms, unusable, usable, result, shares, details):
     details = dict(details, weights_meaning=_WEIGHTS_MEANING)
     return AggregationReport(
         method=method,
-        kept=weights > 0,
         weights=weights,
         scores=scatter(scores, usable, num_clients, float("inf")),
         non_finite=unusable,
         details=details,
+        selects=False,
     )
 
 

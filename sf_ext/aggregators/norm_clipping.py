@@ -55,10 +55,10 @@ def norm_clipping(
     details.update(clip_factors=clip.tolist(), num_clipped=int((clip < 1).sum()))
     report = AggregationReport(
         method="ndc",
-        kept=weights > 0,
         weights=weights,
         scores=torch.where(unusable, float("inf"), norms),
         non_finite=unusable,
         details=details,
+        selects=False,
     )
     return weighted_row_sum(matrix, weights), report

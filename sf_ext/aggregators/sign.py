@@ -98,10 +98,10 @@ def sign_aggregate(
     weights = scatter(torch.full((usable.numel(),), step), usable, num_clients, 0.0)
     report = AggregationReport(
         method="rsa",
-        kept=weights > 0,
         weights=weights,
         scores=scatter(disagreement, usable, num_clients, float("inf")),
         non_finite=unusable,
         details=details,
+        selects=False,
     )
     return sign_sum.mul_(step), report
