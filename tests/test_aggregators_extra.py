@@ -244,3 +244,80 @@ def test_every_new_rule_reports_through_the_common_builder():
         _, report = run_rule(name, rnd.updates, None, rnd)
         assert isinstance(report, AggregationReport) and report.method == name
         assert torch.equal(report.kept, report.weights > 0)
+
+
+# ---------------------------------------------------------------- Shield (sf-ext's own rule)
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "same_value", "scaled", "nan", "mixed"])
+def test_shield_drops_or_bounds_planted_attackers(attack):
+    rnd = planted_round(attack)
+    result, report = run_rule("shield", rnd.updates, None, rnd)
+    norms = rnd.updates.double().norm(dim=1)
+    usable = ~report.non_finite
+    median = float(torch.quantile(norms[usable], 0.5))
+    assert report.details["median_norm"] == pytest.approx(median)
+    assert float(result.norm()) <= median * (1 + 1e-6)
+    assert cosine(result, rnd.benign_mean) > 0.95
+    for row, kind in enumerate(rnd.kinds):
+        if kind in ("sign_flip", "same_value", "nan"):
+            assert not bool(report.kept[row]), kind
+        elif kind == "scaled":  # same direction as the benign: kept, but clipped to the median
+            assert float(report.details["clip_factors"][row]) < 0.15
+    benign_kept = detection_rates(report, rnd.is_attacker)["benign_kept_fraction"]
+    assert benign_kept >= 11 / 12
+
+
+def test_shield_drops_identical_rows_that_fool_distance_rules():
+    """IPM at 40 %: eight identical copies of -0.5 x the benign mean."""
+    from sf_ext.attacks import inner_product_manipulation
+
+    rnd = planted_round("none", n_benign=20, n_attack=0)
+    attackers = torch.zeros(20, dtype=torch.bool)
+    attackers[:8] = True
+    updates = inner_product_manipulation(rnd.updates, attackers, eps=0.5)
+    _, report = run_rule("shield", updates, None, rnd)
+    assert report.kept.tolist() == (~attackers).tolist()
+    assert all("duplicate" in report.details["dropped_by"][i] for i in range(8))
+
+
+def test_shield_keeps_heterogeneous_benign_clients():
+    """Benign updates from five 'label groups' pointing in different directions: a majority
+    cluster would drop most groups; Shield keeps every client."""
+    gen = torch.Generator().manual_seed(4)
+    common = torch.randn(500, generator=gen)
+    groups = torch.randn(5, 500, generator=gen)
+    updates = torch.cat([common + 1.5 * groups[g] + 0.3 * torch.randn(4, 500, generator=gen)
+                         for g in range(5)])
+    _, report = run_rule("shield", updates)
+    assert report.num_kept == 20 and not report.details["fallback"]
+    _, flame = run_rule("flame", updates, noise_lambda=0.0)
+    assert flame.num_kept < 20  # what the card shows at scale
+
+
+def test_shield_fallback_keeps_a_direction_majority_and_never_everyone():
+    gen = torch.Generator().manual_seed(5)
+    updates = torch.randn(10, 300, generator=gen)  # no consensus at all: every check fires
+    _, report = run_rule("shield", updates, min_cosine=0.9)
+    assert report.details["fallback"] and report.num_kept == 10 // 2 + 1
+    cos = torch.tensor(report.details["cosine"])
+    kept_cos = cos[report.kept]
+    assert float(kept_cos.min()) >= float(cos[~report.kept].max())
+    _, strict = run_rule("shield", updates, min_cosine=0.9, fallback=False)
+    assert strict.num_kept < 10 // 2 + 1
+
+
+def test_shield_consensus_is_the_geometric_median_of_the_clipped_updates():
+    from sf_ext.aggregators.shield import _geometric_median_weights
+
+    gen = torch.Generator().manual_seed(6)
+    points = torch.randn(9, 12, generator=gen, dtype=torch.float64)
+    beta = _geometric_median_weights(points @ points.T)
+    z = beta @ points
+
+    def objective(v):
+        return float((points - v).norm(dim=1).sum())
+
+    for _ in range(30):
+        step = torch.randn(12, generator=gen, dtype=torch.float64)
+        assert objective(z) <= objective(z + 1e-3 * step / step.norm()) + 1e-9

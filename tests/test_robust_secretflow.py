@@ -320,3 +320,55 @@ def test_every_single_client_attack_runs_inside_a_client_and_can_be_switched_off
         others_h = [s for i, s in enumerate(honest["scores"]) if i != dave]
         assert honest["scores"][dave] < 3 * max(others_h), (name, honest["scores"])
         assert spec.single_client
+
+
+def _masked_uploads(rng, global_vec, n=4, d=12, prune=0.4):
+    from sf_ext.pruning import MaskedWeights
+
+    updates = rng.normal(0, 0.1, size=(n, d)).astype(np.float32)
+    masks = rng.random((n, d)) > prune
+    masks[:, 0] = [True, False, False, False]  # kept by one client only
+    masks[:, 1] = False  # pruned by everyone
+    weights = (global_vec + updates) * masks
+    uploads = [MaskedWeights([w.reshape(3, 4)], [m.reshape(3, 4)]) for w, m in zip(weights, masks)]
+    return uploads, weights, masks
+
+
+@pytest.mark.parametrize("method", ["fedavg", "flame", "multi_krum", "median", "shield"])
+def test_mask_aware_adapters_average_each_coordinate_over_its_keepers(sf_clients, method):
+    from sf_ext.aggregators.masking import MaskAwareAggregate
+    from sf_ext.aggregators.robust_secretflow import RobustAggregator
+
+    clients, server = sf_clients
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=12).astype(np.float32)
+    options = {"noise_lambda": 0.0} if method == "flame" else ({"f": 0} if method == "multi_krum" else {})
+    aggregator = RobustAggregator(server, clients, method=method, **options)
+    sf.reveal(aggregator.average([c(lambda: [start.reshape(3, 4)])() for c in clients], axis=0))
+    uploads, weights, masks = _masked_uploads(rng, start)
+    counts = [1.0, 2.0, 3.0, 4.0]
+    sent = [c(lambda u=u: u)() for c, u in zip(clients, uploads)]
+    result = sf.reveal(aggregator.average(sent, axis=0, weights=counts))
+    assert isinstance(result, MaskAwareAggregate) and result.aggregator == "RobustAggregator"
+    new = result[0].reshape(-1).astype(np.float64)
+    report = aggregator.reports()[-1]
+    kept = np.array(report["kept"])
+    e = (weights - start) * masks  # what the rule saw: masked updates
+    if method == "fedavg":
+        expected = (np.array(counts)[:, None] * weights).sum(0) / (np.array(counts)[:, None] * masks).sum(0).clip(1e-30)
+        expected[masks.sum(0) == 0] = 0
+        np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+        # A weight only one client kept is that client's weight, not a fraction of it.
+        assert new[0] == pytest.approx(weights[0, 0], rel=1e-5)
+    elif method == "median":
+        expected = start + np.sort(e, axis=0)[1]  # lower median; a pruned coordinate votes 0
+        expected[(kept[:, None] & masks).sum(0) == 0] = 0
+        np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+    else:
+        clip = np.array(report["details"].get("clip_factors", [1.0] * 4))
+        share = np.array(report["weights"]) / np.where(clip > 0, clip, 1)
+        keepers = share[:, None] * masks
+        expected = start + (share[:, None] * clip[:, None] * e).sum(0) / keepers.sum(0).clip(1e-30)
+        expected[keepers.sum(0) <= 0] = 0
+        np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+    assert new[1] == 0.0  # pruned by everyone

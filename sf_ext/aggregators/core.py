@@ -31,6 +31,7 @@ from sf_ext.aggregators.registry import (
     get_rule,
     register_aggregator,
 )
+from sf_ext.aggregators.shield import shield
 from sf_ext.aggregators.sign import sign_aggregate
 from sf_ext.aggregators.signguard import signguard
 
@@ -81,13 +82,15 @@ def _flame_needs(options: Mapping[str, Any]):
 register_aggregator("fedavg")(fedavg)  # no defence, so no claim to warn about
 register_aggregator("krum", selects=True, tolerates=_krum_f)(krum)
 register_aggregator("multi_krum", selects=True, tolerates=_krum_f)(multi_krum)
-register_aggregator("median", tolerates=_minority, aliases=("coordinate_median",))(
+register_aggregator("median", tolerates=_minority, aliases=("coordinate_median",), linear=False)(
     coordinate_median
 )
-register_aggregator("trimmed_mean", tolerates=_trimmed)(trimmed_mean)
+register_aggregator("trimmed_mean", tolerates=_trimmed, linear=False)(trimmed_mean)
 register_aggregator("ndc", aliases=("norm_clipping",))(norm_clipping)
 register_aggregator("rfa", tolerates=_minority, aliases=("geometric_median",))(geometric_median)
-register_aggregator("rsa", needs=("round_index",), aliases=("sign",))(sign_aggregate)
+register_aggregator("rsa", needs=("round_index",), aliases=("sign",), linear=False)(
+    sign_aggregate
+)
 register_aggregator(
     "flame", needs=_flame_needs, uses=("generator",), selects=True, tolerates=_minority
 )(flame)
@@ -101,7 +104,7 @@ register_aggregator(
     selects=True,
     description="Matrix mapping with the XMAM public code's selection (PCA(3) + HDBSCAN)",
 )(partial(matrix_mapping, variant="xmam"))
-register_aggregator("bulyan", selects=True, tolerates=bulyan_tolerates)(bulyan)
+register_aggregator("bulyan", selects=True, tolerates=bulyan_tolerates, linear=False)(bulyan)
 register_aggregator("centered_clipping", needs=("state",), aliases=("cc",), tolerates=_minority)(
     centered_clipping
 )
@@ -109,3 +112,4 @@ register_aggregator("dnc", uses=("generator",), selects=True, tolerates=_dnc_f)(
 register_aggregator("signguard", uses=("generator",), selects=True, tolerates=_minority)(signguard)
 register_aggregator("foolsgold", needs=("client_ids", "state"), selects=True)(foolsgold)
 register_aggregator("fltrust", needs=("root_update",), selects=True)(fltrust)
+register_aggregator("shield", selects=True, tolerates=_minority)(shield)

@@ -72,7 +72,9 @@ def fltrust(updates, num_samples=None, *, root_update) -> Tuple[torch.Tensor, Ag
     coeffs = trust * scale / total if total > 0 else torch.zeros_like(trust)
     weights = scatter(coeffs, usable, num_clients, 0.0)
     details.update(
-        trust=scatter(trust, usable, num_clients, 0.0).tolist(), all_distrusted=total == 0
+        trust=scatter(trust, usable, num_clients, 0.0).tolist(),
+        all_distrusted=total == 0,
+        clip_factors=scatter(scale, usable, num_clients, 0.0).tolist(),
     )
     report = AggregationReport(
         method="fltrust",

@@ -56,6 +56,10 @@ class RuleSpec:
         selects: Whether the rule decides per client who takes part.
         tolerates: ``tolerates(n, options) -> f``: the most attackers among ``n`` clients the
             rule's design tolerates with these options (None: no stated bound).
+        linear: The result is ``sum_i weights[i] * update_i`` with ``weights[i] = share_i *
+            clip_i`` (``clip_i`` from ``details["clip_factors"]``, 1 without): a weighted mean of
+            (clipped) updates. Mask-aware callers renormalize such results per coordinate;
+            coordinate-wise and sign rules are not linear.
         description: One line for listings.
     """
 
@@ -65,6 +69,7 @@ class RuleSpec:
     uses: Tuple[str, ...] = ()
     selects: bool = False
     tolerates: Optional[Callable[[int, Mapping[str, Any]], int]] = None
+    linear: bool = True
     description: str = ""
 
     def needed(self, options: Optional[Mapping[str, Any]] = None) -> Tuple[str, ...]:
@@ -97,6 +102,7 @@ def register_aggregator(
     selects: bool = False,
     tolerates: Optional[Callable[[int, Mapping[str, Any]], int]] = None,
     aliases: Tuple[str, ...] = (),
+    linear: bool = True,
     description: str = "",
     replace: bool = False,
 ):
@@ -109,6 +115,8 @@ def register_aggregator(
         selects: Whether the rule drops clients (detection rates apply).
         tolerates: Tolerated attackers as a function of ``(n, options)``.
         aliases: Other accepted spellings.
+        linear: Whether the result is a weighted mean of (clipped) updates (see
+            :class:`RuleSpec`).
         description: One line for listings.
         replace: Allow replacing an existing registration (otherwise a clash is an error).
 
@@ -131,6 +139,7 @@ def register_aggregator(
             uses=tuple(uses),
             selects=bool(selects),
             tolerates=tolerates,
+            linear=bool(linear),
             description=description or (fn.__doc__ or "").strip().split("\n")[0],
         )
         for alias in aliases:

@@ -14,6 +14,13 @@ starting weights are taken as they are; otherwise the server takes their coordin
 (or, with ``initial="server"`` and a ``model_fn``, its own freshly built model) and logs that the
 clients disagreed.
 
+Pruned uploads (``fed_avg_w_prune``'s ``MaskedWeights``): every adapter is mask-aware. Detection
+runs on the masked updates ``m_i * (w_i - G)`` (a pruned coordinate counts as no change: FLAME
+clusters ``G + m_i * u_i``, matrix mapping maps the masked update, Krum measures distances between
+masked updates), and the result is renormalized per coordinate over the kept clients that kept it,
+as ``SecurePruneAggregator`` averages (details in :mod:`sf_ext.aggregators.masking`). The returned
+weights are a :class:`~sf_ext.aggregators.masking.MaskAwareAggregate`.
+
 What the server learns: robust rules must see individual updates, so unlike ``SecureAggregator``
 the server holds each client's plaintext weights (and sample counts). These aggregators trade
 confidentiality towards the server for robustness against malicious clients; each rule's
@@ -37,6 +44,7 @@ from secretflow.device import PYU, DeviceObject, PYUObject, proxy, reveal
 from secretflow.security.aggregation import Aggregator
 from torch import nn
 
+from sf_ext.aggregators.masking import MaskAwareAggregate, mask_aware_update, mask_matrix
 from sf_ext.aggregators.registry import call_rule, get_rule
 from sf_ext.aggregators.server import CONTEXT_FIELDS, ServerContext
 from sf_ext.params import ParamLayout
@@ -127,8 +135,10 @@ class _RobustAggregationServer:
         seed: Optional[int],
         initial: str,
         root: Optional[Dict[str, Any]],
+        label: str = "RobustAggregator",
     ):
         self.method = method
+        self.label = label
         self.options = dict(options)
         self.model = _build_model(model_fn)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
@@ -162,6 +172,7 @@ class _RobustAggregationServer:
                     f"{party} sent {len(weights)} tensors, expected {len(self.layout.names)}"
                 )
         vectors = torch.stack([self.layout.flatten(w) for w in weight_lists])
+        masks = mask_matrix(weight_lists, self.layout)
         counts = None
         if sample_counts:
             counts = torch.as_tensor([float(c) for c in sample_counts], dtype=torch.float64)
@@ -179,9 +190,12 @@ class _RobustAggregationServer:
                     self.method,
                     "its own model" if how == "server" else "their coordinate-wise median",
                 )
-            return self.layout.unflatten_numpy(self.global_vector)
+            return self._result(self.global_vector)
 
         updates = vectors - self.global_vector
+        if masks is not None:
+            # A pruned coordinate is "no change" for detection (see sf_ext.aggregators.masking).
+            updates = updates * masks
         root_update = None
         if self.root is not None:
             root_update = _train_root(
@@ -206,7 +220,12 @@ class _RobustAggregationServer:
             root_update=root_update,
         )
         update, report = call_rule(self.method, updates, counts, context, **self.options)
+        nobody = None
+        if masks is not None:
+            update, nobody = mask_aware_update(update, report, masks, get_rule(self.method).linear)
         new_global = self.global_vector + update
+        if nobody is not None:
+            new_global[nobody] = 0.0  # pruned by every kept client, as in SecurePruneAggregator
         if not bool(torch.isfinite(new_global).all()):
             raise ValueError(
                 f"{self.method} produced a non-finite global model in round {self.round}"
@@ -218,7 +237,11 @@ class _RobustAggregationServer:
         dropped = [p for p, kept in zip(parties, report.kept.tolist()) if not kept]
         logger.info("%s round %d: dropped %s", self.method, self.round, dropped or "nobody")
         self.round += 1
-        return self.layout.unflatten_numpy(self.global_vector)
+        return self._result(self.global_vector)
+
+    def _result(self, vector: torch.Tensor) -> MaskAwareAggregate:
+        """The new global weights, marked as averaged with pruning masks taken into account."""
+        return MaskAwareAggregate(self.layout.unflatten_numpy(vector), self.label)
 
     def reports(self) -> List[Dict[str, Any]]:
         return list(self.history)
@@ -287,7 +310,15 @@ class RobustAggregator(Aggregator):
         self._device = device
         self._participants = list(participants)
         self._server = _RobustAggregationServer(
-            method, options, model_fn, input_shape, seed, initial, self._root(), device=device
+            method,
+            options,
+            model_fn,
+            input_shape,
+            seed,
+            initial,
+            self._root(),
+            type(self).__name__,
+            device=device,
         )
 
     def _root(self) -> Optional[Dict[str, Any]]:

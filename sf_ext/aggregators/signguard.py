@@ -134,6 +134,7 @@ def signguard(
     weights = scatter(coeffs, usable, num_clients, 0.0)
     details.update(
         median_norm=median,
+        clip_factors=scatter(clip, usable, num_clients, 0.0).tolist(),
         passed_norm=scatter(by_norm.double(), usable, num_clients, 0.0).bool().tolist(),
         sign_labels=scatter(torch.as_tensor(labels), usable, num_clients, -2).long().tolist(),
         majority_label=majority,

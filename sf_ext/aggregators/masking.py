@@ -1,0 +1,104 @@
+"""Robust aggregation of pruned uploads: masks in, a per-coordinate average over keepers out.
+
+Under ``fed_avg_w_prune`` a client uploads ``m_i * w_i`` (its pruned weights are exactly 0)
+together with its mask ``m_i``. Averaging such uploads as plain weights drags every coordinate
+some client pruned towards 0. The robust adapters therefore
+
+1. hand the rule the **masked updates** ``e_i = m_i * (w_i - G)``: a pruned coordinate counts as
+   "no change" for detection (FLAME then clusters the models ``G + e_i``, matrix mapping maps
+   ``e_i``, Krum measures distances between the ``e_i``), and
+2. renormalize the rule's result per coordinate over the clients that kept it
+   (:func:`mask_aware_update`), as :class:`~sf_ext.aggregators.SecurePruneAggregator` does for the
+   mean: for a *linear* rule (its result is ``sum_i s_i c_i e_i``, shares ``s_i`` and clip factors
+   ``c_i``), coordinate ``j`` becomes ``sum_i s_i c_i m_ij u_ij / sum_i s_i m_ij``; for the
+   coordinate-wise and sign rules (median, trimmed mean, Bulyan, RSA, centered clipping) a
+   pruned coordinate stays a "no change" vote. A coordinate that no kept client kept becomes 0 in
+   the new global model (pruned everywhere), as in ``SecurePruneAggregator``.
+
+FLAME's noise is part of its result and is scaled with the coordinate it sits on.
+
+:class:`MaskAwareAggregate` marks a global weight list produced this way, so that
+``fed_avg_w_prune`` can tell it from an average that treated pruned weights as zeros.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from sf_ext.aggregators.report import AggregationReport
+
+__all__ = ["MaskAwareAggregate", "mask_matrix", "mask_aware_update", "effective_shares"]
+
+
+class MaskAwareAggregate(list):
+    """A global weight list from an aggregator that averages pruned weights correctly.
+
+    It *is* the weight list (numpy arrays in ``state_dict`` order); ``aggregator`` names the
+    aggregator that produced it.
+    """
+
+    def __init__(self, weights, aggregator: str):
+        super().__init__(weights)
+        self.aggregator = str(aggregator)
+
+    def __reduce__(self):
+        return (MaskAwareAggregate, (list(self), self.aggregator))
+
+
+def mask_matrix(weight_lists: Sequence, layout) -> Optional[torch.Tensor]:
+    """``[n, d]`` float32 keep-masks (1 kept, 0 pruned) of the clients' uploads, or None when no
+    upload carries masks (plain weight lists)."""
+    masks = [getattr(w, "masks", None) for w in weight_lists]
+    if all(m is None for m in masks):
+        return None
+    rows = []
+    for weights, client_masks in zip(weight_lists, masks):
+        if client_masks is None:
+            client_masks = [None] * len(weights)
+        if len(client_masks) != len(weights):
+            raise ValueError(f"{len(client_masks)} masks for {len(weights)} weight arrays")
+        arrays = [
+            np.ones(np.shape(w), np.float32) if m is None else np.asarray(m, np.float32)
+            for w, m in zip(weights, client_masks)
+        ]
+        rows.append(layout.flatten(arrays))
+    return torch.stack(rows)
+
+
+def effective_shares(report: AggregationReport) -> torch.Tensor:
+    """Each client's share in a linear rule's mean: its weight without the clip factor."""
+    weights = report.weights
+    clip = report.details.get("clip_factors")
+    if clip is None:
+        return weights.clone()
+    clip = torch.as_tensor(clip, dtype=torch.float64)
+    return torch.where(clip > 0, weights / clip.clamp(min=1e-300), torch.zeros_like(weights))
+
+
+def mask_aware_update(
+    result: torch.Tensor, report: AggregationReport, masks: torch.Tensor, linear: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The rule's result renormalized per coordinate over the clients that kept it.
+
+    Args:
+        result: The rule's ``[d]`` update, computed on the masked updates ``m_i * u_i``.
+        report: The rule's report (weights, clip factors).
+        masks: ``[n, d]`` keep-masks (1 kept, 0 pruned).
+        linear: Whether the rule is a weighted mean of (clipped) updates.
+
+    Returns:
+        ``(update, nobody)``: the renormalized ``[d]`` update and a bool ``[d]`` mask of the
+        coordinates no kept client kept (the caller sets the new global model to 0 there).
+    """
+    masks = masks.to(torch.float32)
+    if linear:
+        shares = effective_shares(report).to(torch.float32)
+        kept_share = shares @ masks
+        total = float(shares.sum())
+        nobody = kept_share <= 0
+        scale = torch.where(nobody, torch.zeros_like(kept_share), total / kept_share.clamp(min=1e-30))
+        return result * scale, nobody
+    kept = report.kept.to(torch.float32)
+    nobody = (kept @ masks) <= 0
+    return torch.where(nobody, torch.zeros_like(result), result), nobody
