@@ -42,6 +42,11 @@ COMMANDS: Dict[str, Command] = {
         "simulate CONFIG --out DIR",
         "many-client robustness experiment from a YAML/JSON config",
     ),
+    "scorecard": Command(
+        "sf_ext.simulator.scorecard",
+        "scorecard CARD --out DIR",
+        "robustness scorecard: defenses x attacks x settings x seeds, worst seed",
+    ),
     "audit": Command(
         "sf_ext.dlg.audit",
         "audit",

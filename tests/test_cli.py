@@ -50,7 +50,7 @@ def test_version(capsys):
     [
         ([], "no command given"),
         (["demoo"], "unknown command 'demoo'; did you mean 'demo'?"),
-        (["xyz"], "unknown command 'xyz' (choose from demo, dlg, simulate, audit)"),
+        (["xyz"], "unknown command 'xyz' (choose from demo, dlg, simulate, scorecard, audit)"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )

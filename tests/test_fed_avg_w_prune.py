@@ -630,3 +630,71 @@ def test_ray_mode_reports_bad_parameters_at_flmodel_construction(tmp_path):
         out + result.stderr[-2000:]
     )
     assert "did you mean the fed_avg_w_prune parameter 'prune_percent'?" in out
+
+
+# ------------------------------------------------------------- the guard against zero-averaging
+
+
+@pytest.mark.secretflow
+def test_an_aggregator_that_averages_pruned_weights_as_zeros_is_refused(sf_parties):
+    from secretflow.security.aggregation import PlainAggregator
+
+    alice, bob, charlie = sf_parties
+    for aggregator in (SecureAggregator(charlie, [alice, bob]), PlainAggregator(charlie)):
+        name = type(aggregator).__name__
+        with pytest.raises(ValueError, match=f"cannot use {name}.*SecurePruneAggregator"):
+            FLModel(
+                server=charlie, device_list=[alice, bob], model=_model_def(MLP),
+                aggregator=aggregator, strategy="fed_avg_w_prune", backend="torch",
+            )
+    with pytest.raises(ValueError, match="allow_unmasked_average must be True or False"):
+        FLModel(
+            server=charlie, device_list=[alice, bob], model=_model_def(MLP),
+            aggregator=SecurePruneAggregator(charlie, [alice, bob]), strategy="fed_avg_w_prune",
+            backend="torch", allow_unmasked_average="yes",
+        )
+
+
+@pytest.mark.secretflow
+def test_the_client_refuses_an_unmasked_aggregate_it_was_not_told_about(sf_parties):
+    """Backstop when the aggregator is not visible at construction (server_agg_method, or a
+    client built directly): the first aggregate the client receives is checked."""
+    from sf_ext.aggregators.masking import MaskAwareAggregate
+    from sf_ext.strategies.fed_avg_w_prune import FedAvgWPrune
+
+    client = FedAvgWPrune(_model_def(MLP, in_channels=1, image_size=8), random_seed=0)
+    weights = client.get_weights()
+    with pytest.raises(ValueError, match="not mask-aware.*allow_unmasked_average=True"):
+        client.set_weights([np.asarray(w) for w in weights])
+    client.set_weights(MaskAwareAggregate([np.asarray(w) for w in weights], "SecurePruneAggregator"))
+    lenient = FedAvgWPrune(
+        _model_def(MLP, in_channels=1, image_size=8), random_seed=0, allow_unmasked_average=True
+    )
+    lenient.set_weights([np.asarray(w) for w in weights])
+
+
+@pytest.mark.secretflow
+def test_opting_out_warns_and_shows_the_zero_averaging(sf_parties):
+    """allow_unmasked_average=True: training runs, with a warning, and a weight one client
+    pruned comes out at a fraction of the other's (what the guard prevents by default)."""
+    from sf_ext.strategies import UnmaskedAverageWarning
+
+    alice, bob, charlie = sf_parties
+    aggregator = SecureAggregator(charlie, [alice, bob])
+    with pytest.warns(UnmaskedAverageWarning, match="averaged as 0"):
+        FLModel(
+            server=charlie, device_list=[alice, bob], model=_model_def(MLP),
+            aggregator=aggregator, strategy="fed_avg_w_prune", backend="torch",
+            allow_unmasked_average=True,
+        )
+    from sf_ext.pruning import MaskedWeights
+
+    w = np.array([[2.0, 1.0]], np.float32)
+    uploads = [
+        alice(lambda: MaskedWeights([w], [np.array([[True, True]])]))(),
+        bob(lambda: MaskedWeights([w * 0 + np.array([[0.0, 3.0]], np.float32)],
+                                  [np.array([[False, True]])]))(),
+    ]
+    zeroed = sf.reveal(aggregator.average(uploads, axis=0, weights=[1, 1]))[0]
+    correct = sf.reveal(SecurePruneAggregator(charlie, [alice, bob]).average(uploads, 0, [1, 1]))[0]
+    assert zeroed[0, 0] == pytest.approx(1.0) and correct[0, 0] == pytest.approx(2.0)

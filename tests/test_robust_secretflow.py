@@ -361,9 +361,12 @@ def test_mask_aware_adapters_average_each_coordinate_over_its_keepers(sf_clients
         # A weight only one client kept is that client's weight, not a fraction of it.
         assert new[0] == pytest.approx(weights[0, 0], rel=1e-5)
     elif method == "median":
-        expected = start + np.sort(e, axis=0)[1]  # lower median; a pruned coordinate votes 0
-        expected[(kept[:, None] & masks).sum(0) == 0] = 0
+        expected = np.zeros(12)
+        for j in range(12):
+            keepers = np.sort(e[masks[:, j], j])  # the lower median over the clients that kept j
+            expected[j] = start[j] + keepers[(len(keepers) - 1) // 2] if len(keepers) else 0.0
         np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+        assert new[0] == pytest.approx(weights[0, 0], rel=1e-5)  # one keeper: its own value
     else:
         clip = np.array(report["details"].get("clip_factors", [1.0] * 4))
         share = np.array(report["weights"]) / np.where(clip > 0, clip, 1)

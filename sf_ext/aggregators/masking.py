@@ -10,9 +10,11 @@ some client pruned towards 0. The robust adapters therefore
 2. renormalize the rule's result per coordinate over the clients that kept it
    (:func:`mask_aware_update`), as :class:`~sf_ext.aggregators.SecurePruneAggregator` does for the
    mean: for a *linear* rule (its result is ``sum_i s_i c_i e_i``, shares ``s_i`` and clip factors
-   ``c_i``), coordinate ``j`` becomes ``sum_i s_i c_i m_ij u_ij / sum_i s_i m_ij``; for the
-   coordinate-wise and sign rules (median, trimmed mean, Bulyan, RSA, centered clipping) a
-   pruned coordinate stays a "no change" vote. A coordinate that no kept client kept becomes 0 in
+   ``c_i``), coordinate ``j`` becomes ``sum_i s_i c_i m_ij u_ij / sum_i s_i m_ij``; the median and
+   the trimmed mean are taken per coordinate over the clients that kept it
+   (:func:`coordinatewise_over_keepers`); for Bulyan, RSA and centered clipping a pruned
+   coordinate stays a "no change" vote (their coordinate stages mix selection and clipping in
+   ways a per-coordinate keeper count does not carry over to). A coordinate that no kept client kept becomes 0 in
    the new global model (pruned everywhere), as in ``SecurePruneAggregator``.
 
 FLAME's noise is part of its result and is scaled with the coordinate it sits on.
@@ -28,7 +30,20 @@ import torch
 
 from sf_ext.aggregators.report import AggregationReport
 
-__all__ = ["MaskAwareAggregate", "mask_matrix", "mask_aware_update", "effective_shares"]
+__all__ = [
+    "MaskAwareAggregate",
+    "is_mask_aware",
+    "mask_matrix",
+    "mask_aware_update",
+    "effective_shares",
+    "coordinatewise_over_keepers",
+]
+
+
+def is_mask_aware(aggregator) -> bool:
+    """Whether an aggregator averages pruned uploads per coordinate over their keepers
+    (``SecurePruneAggregator`` and sf-ext's robust adapters declare ``mask_aware = True``)."""
+    return bool(getattr(aggregator, "mask_aware", False))
 
 
 class MaskAwareAggregate(list):
@@ -102,3 +117,45 @@ def mask_aware_update(
     kept = report.kept.to(torch.float32)
     nobody = (kept @ masks) <= 0
     return torch.where(nobody, torch.zeros_like(result), result), nobody
+
+
+def coordinatewise_over_keepers(
+    updates: torch.Tensor,
+    masks: torch.Tensor,
+    usable: torch.Tensor,
+    method: str,
+    f=None,
+    trim_ratio: float = 0.1,
+) -> torch.Tensor:
+    """Median or trimmed mean of each coordinate over the usable clients that kept it.
+
+    Args:
+        updates: ``[n, d]`` updates.
+        masks: ``[n, d]`` keep-masks.
+        usable: bool ``[n]``, clients the rule did not screen out.
+        method: ``"median"`` (lower median, as ``torch.median``) or ``"trimmed_mean"`` (per
+            coordinate, ``f`` values from each end, capped so that one remains, or
+            ``int(trim_ratio * keepers)``).
+
+    Returns:
+        ``[d]``: the statistic over the keepers, 0 where nobody kept the coordinate.
+    """
+    rows = updates[usable].to(torch.float32)
+    keep = masks[usable] > 0
+    count = keep.sum(dim=0)
+    if method == "median":
+        values = torch.where(keep, rows, torch.full_like(rows, float("nan")))
+        result = torch.nanmedian(values, dim=0).values
+        return torch.where(count > 0, result, torch.zeros_like(result))
+    if method != "trimmed_mean":
+        raise ValueError(f"no per-keeper form for {method!r}")
+    ordered = torch.sort(torch.where(keep, rows, torch.full_like(rows, float("inf"))), dim=0).values
+    if f is not None:
+        trim = torch.clamp(torch.full_like(count, int(f)), max=torch.clamp((count - 1) // 2, min=0))
+    else:
+        trim = torch.floor(float(trim_ratio) * count.to(torch.float64)).to(count.dtype)
+    position = torch.arange(rows.shape[0]).unsqueeze(1)
+    take = (position >= trim) & (position < count - trim)
+    total = torch.where(take, ordered, torch.zeros_like(ordered)).sum(dim=0)
+    taken = take.sum(dim=0)
+    return torch.where(taken > 0, total / taken.clamp(min=1), torch.zeros_like(total))

@@ -44,7 +44,12 @@ from secretflow.device import PYU, DeviceObject, PYUObject, proxy, reveal
 from secretflow.security.aggregation import Aggregator
 from torch import nn
 
-from sf_ext.aggregators.masking import MaskAwareAggregate, mask_aware_update, mask_matrix
+from sf_ext.aggregators.masking import (
+    MaskAwareAggregate,
+    coordinatewise_over_keepers,
+    mask_aware_update,
+    mask_matrix,
+)
 from sf_ext.aggregators.registry import call_rule, get_rule
 from sf_ext.aggregators.server import CONTEXT_FIELDS, ServerContext
 from sf_ext.params import ParamLayout
@@ -222,6 +227,16 @@ class _RobustAggregationServer:
         update, report = call_rule(self.method, updates, counts, context, **self.options)
         nobody = None
         if masks is not None:
+            if self.method in ("median", "trimmed_mean"):
+                # Coordinate-wise rules: the statistic over the clients that kept each coordinate.
+                update = coordinatewise_over_keepers(
+                    updates,
+                    masks,
+                    ~report.non_finite,
+                    self.method,
+                    self.options.get("f"),
+                    self.options.get("trim_ratio", 0.1),
+                )
             update, nobody = mask_aware_update(update, report, masks, get_rule(self.method).linear)
         new_global = self.global_vector + update
         if nobody is not None:
@@ -278,6 +293,8 @@ class RobustAggregator(Aggregator):
     """
 
     method = "fedavg"
+    #: Averages pruned uploads correctly (``fed_avg_w_prune`` accepts it).
+    mask_aware = True
 
     def __init__(
         self,

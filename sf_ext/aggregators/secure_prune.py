@@ -111,7 +111,10 @@ def _common_scale(*sample_weights) -> float:
 
 
 def _masked_ratio(numerators, denominators, shapes, fxp_bits):
-    """Server side: the per-coordinate average over the clients that kept each coordinate."""
+    """Server side: the per-coordinate average over the clients that kept each coordinate
+    (marked as a :class:`~sf_ext.aggregators.masking.MaskAwareAggregate`)."""
+    from sf_ext.aggregators.masking import MaskAwareAggregate
+
     # Counts are exact multiples of the resolution; nobody kept -> exactly 0 (see module doc).
     half_step = 0.5 * 2.0**-fxp_bits
     out = []
@@ -121,11 +124,14 @@ def _masked_ratio(numerators, denominators, shapes, fxp_bits):
         ratio = np.zeros(den.shape, dtype=np.float64)
         np.divide(num, den, out=ratio, where=kept)
         out.append(ratio.astype(np.float32).reshape(shape))
-    return out
+    return MaskAwareAggregate(out, "SecurePruneAggregator")
 
 
 class SecurePruneAggregator(SecureAggregator):
     """Secure aggregator that averages masked weights over the clients that kept each entry.
+
+    ``fed_avg_w_prune`` accepts it (``mask_aware = True``); SecretFlow's own aggregators average a
+    pruned weight as 0 and are refused by the strategy.
 
     A drop-in for :class:`secretflow.security.aggregation.SecureAggregator`: with uploads that
     carry no masks (plain weight lists) it computes the ordinary weighted average, for integer and
@@ -160,6 +166,8 @@ class SecurePruneAggregator(SecureAggregator):
         In training, pass it to ``FLModel(..., aggregator=SecurePruneAggregator(server, clients),
         strategy="fed_avg_w_prune", backend="torch")`` (see :mod:`sf_ext.strategies`).
     """
+
+    mask_aware = True
 
     def __init__(self, device: PYU, participants: List[PYU], fxp_bits: int = 18):
         if not participants:

@@ -14,24 +14,32 @@ The published rules fail in three recurring ways (``experiments/robustness/score
 Shield combines one signal against each, all computed from the ``n x n`` Gram matrix of the
 updates (no copy of the update matrix, one pass over it for the Gram and one for the sum):
 
-1. **Clip** every update to the median update norm (as FLAME does): no row can outweigh another.
-2. **Consensus direction**: the geometric median of the clipped updates (smoothed Weiszfeld,
-   robust while attackers are a minority), and each client's cosine to it.
-3. **Drop** (a) clients pointing away from the consensus (cosine below ``min_cosine``) or far
-   below the others (a robust z-score below ``-direction_z`` on the cosines: median and MAD);
-   (b) every member of a group of near-identical updates (pairwise cosine above
-   ``duplicate_cosine``): honest clients train on different data and never agree to the last
-   digit, while colluding attackers who compute one optimal vector do (FoolsGold's sybil
-   signal, here without history).
+1. **Norm**: drop updates longer than ``norm_bound`` (3) times the median norm (SignGuard's
+   bound), and **clip** every other one to the median norm (as FLAME does): no row outweighs
+   another.
+2. **Near-duplicates**: drop every member of a group of near-identical updates (pairwise cosine
+   above ``duplicate_cosine``, 0.9): honest clients train on different data and never agree
+   closely (at most 0.77 in the scorecard's settings, IID included), while colluding attackers
+   who compute one optimal vector (IPM, LIE, min-max, Fang's attacks, the adaptive attack) or
+   train on one poisoned set (edge-case and PGD backdoors) sat at 0.96 to 1 (FoolsGold's sybil
+   signal, here without history). A user whose honest clients hold near-identical data should
+   raise the threshold; ``details["max_pairwise_cosine_kept"]`` shows the margin every round.
+3. **Direction outliers**: the consensus direction is the geometric median of the clipped
+   updates that passed checks 1 and 2 (so a tight attacker group cannot become the consensus;
+   smoothed Weiszfeld, robust while attackers are a minority); drop clients whose cosine to it
+   lies more than ``direction_z`` (3) robust standard deviations (1.4826 MAD) below the median
+   cosine. No absolute cosine threshold by default: with non-IID data honest updates often point
+   away from the consensus after the first rounds (``min_cosine`` opts in).
 4. **Fallback that never keeps everyone by default**: if the checks drop more than half of the
-   clients, keep the ``n // 2 + 1`` non-duplicate clients closest in direction to the consensus
-   (a majority is then still required, so an attacker minority cannot take over through the
-   fallback).
+   clients, keep the ``n // 2 + 1`` clients closest in direction to the consensus among those
+   that are neither duplicates nor oversized (a majority is still required, so an attacker
+   minority cannot take over through the fallback).
 5. Average the kept clipped updates (equal weights, as FLAME; ``weight_by_samples`` opts in).
 
 Known limits, stated: attackers who add independent noise to their shared vector evade the
-duplicate check (then only the direction and norm checks apply); a backdoor update that points
-with the benign consensus and stays within the median norm is bounded, not removed.
+duplicate check, and attackers who stay within the norm bound and the benign spread of
+directions (a sign flip of norm 1x, a stealthy backdoor) are not removed: clipping bounds what
+each of them can do (a minority of clipped updates can slow training, not take it over).
 
 What the server learns: every client's plaintext update (its norm, its direction relative to the
 others) and the kept set.
@@ -81,9 +89,10 @@ def shield(
     updates,
     num_samples=None,
     *,
-    min_cosine: float = 0.0,
+    norm_bound: float = 3.0,
+    min_cosine: float = -1.0,
     direction_z: float = 3.0,
-    duplicate_cosine: float = 0.99,
+    duplicate_cosine: float = 0.9,
     fallback: bool = True,
     weight_by_samples: bool = False,
 ) -> Tuple[torch.Tensor, AggregationReport]:
@@ -92,11 +101,16 @@ def shield(
     Args:
         updates: ``[n_clients, n_params]`` float updates (client weights minus the global model).
         num_samples: ``[n]`` sample counts (used with ``weight_by_samples``).
-        min_cosine: Drop clients whose cosine to the consensus direction is below this.
+        norm_bound: Drop clients whose update norm exceeds this multiple of the median norm
+            (SignGuard's upper bound, 3); ``inf`` disables the check.
+        min_cosine: Drop clients whose cosine to the consensus direction is below this (-1, the
+            default, disables it: with non-IID data honest updates often point away from the
+            consensus after the first rounds).
         direction_z: Drop clients whose cosine lies more than this many robust standard
             deviations (1.4826 MAD) below the median cosine; ``inf`` disables the check.
-        duplicate_cosine: Drop every member of a group whose pairwise cosine exceeds this;
-            ``> 1`` disables the check.
+        duplicate_cosine: Drop every member of a group whose pairwise cosine exceeds this
+            (0.9: honest updates in the scorecard's settings never exceeded 0.77, coordinated
+            attackers sat at 0.96 to 1); ``> 1`` disables the check.
         fallback: When more than half would be dropped, keep the ``n // 2 + 1`` non-duplicates
             closest to the consensus instead (False: keep whatever passed, possibly nobody).
         weight_by_samples: Sample-weighted mean of the kept updates instead of equal weights.
@@ -108,6 +122,8 @@ def shield(
     """
     if not -1.0 <= float(min_cosine) <= 1.0:
         raise ValueError(f"min_cosine must lie in [-1, 1], got {min_cosine}")
+    if not float(norm_bound) > 1:
+        raise ValueError(f"norm_bound must be > 1, got {norm_bound}")
     if not float(direction_z) > 0:
         raise ValueError(f"direction_z must be positive, got {direction_z}")
     matrix = as_update_matrix(updates)
@@ -116,6 +132,7 @@ def shield(
     gram = gram_matrix(matrix)
     unusable, overflowed = screen_rows(matrix, gram.diagonal())
     details = {
+        "norm_bound": float(norm_bound),
         "min_cosine": float(min_cosine),
         "direction_z": float(direction_z),
         "duplicate_cosine": float(duplicate_cosine),
@@ -129,33 +146,43 @@ def shield(
     norms = sub.diagonal().clamp(min=0.0).sqrt()
     median_norm = float(torch.quantile(norms, 0.5))
     clip = torch.where(norms > median_norm, median_norm / norms.clamp(min=1e-300), 1.0)
-    clipped = clip[:, None] * sub * clip[None, :]  # Gram of the clipped updates
-    beta = _geometric_median_weights(clipped)
-    consensus_sq = float(beta @ clipped @ beta)
-    toward = clipped @ beta  # <clipped_i, consensus>
-    clipped_norms = clipped.diagonal().clamp(min=0.0).sqrt()
-    denom = clipped_norms * max(consensus_sq, 0.0) ** 0.5
-    cosine = torch.where(denom > 0, toward / denom.clamp(min=1e-300), torch.zeros_like(toward))
+    oversized = norms > float(norm_bound) * median_norm
 
     unit = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms))
     pairwise = unit[:, None] * sub * unit[None, :]
     pairwise.fill_diagonal_(-2.0)
     duplicate = (pairwise > float(duplicate_cosine)).any(dim=1)
 
-    center = float(cosine.median())
-    mad = float((cosine - center).abs().median()) * MAD_SCALE
+    # The consensus is taken over the clients that passed the first two checks, so that a tight
+    # group of coordinated attackers cannot become the consensus themselves.
+    candidates = ~(oversized | duplicate)
+    if int(candidates.sum()) == 0:
+        candidates = torch.ones(n, dtype=torch.bool)
+    clipped = clip[:, None] * sub * clip[None, :]  # Gram of the clipped updates
+    index = candidates.nonzero().flatten()
+    beta = torch.zeros(n, dtype=torch.float64)
+    beta[index] = _geometric_median_weights(clipped[index][:, index])
+    consensus_sq = float(beta @ clipped @ beta)
+    toward = clipped @ beta  # <clipped_i, consensus>
+    clipped_norms = clipped.diagonal().clamp(min=0.0).sqrt()
+    denom = clipped_norms * max(consensus_sq, 0.0) ** 0.5
+    cosine = torch.where(denom > 0, toward / denom.clamp(min=1e-300), torch.zeros_like(toward))
+
+    center = float(cosine[index].median())
+    mad = float((cosine[index] - center).abs().median()) * MAD_SCALE
     low = center - float(direction_z) * mad if mad > 0 else -math.inf
     off_direction = (cosine < float(min_cosine)) | (cosine < low)
-    keep = ~(off_direction | duplicate)
+    keep = ~(off_direction | duplicate | oversized)
     used_fallback = False
     if fallback and int(keep.sum()) < n // 2 + 1:
         # Too much flagged: a majority is still required, picked by direction among the
-        # non-duplicates (duplicates stay out).
-        ranked = torch.where(duplicate, torch.full_like(cosine, -math.inf), cosine)
+        # clients that are neither near-duplicates nor oversized.
+        excluded = duplicate | oversized
+        ranked = torch.where(excluded, torch.full_like(cosine, -math.inf), cosine)
         order = torch.sort(ranked, descending=True, stable=True).indices
-        candidates = [i for i in order.tolist() if not bool(duplicate[i])][: n // 2 + 1]
+        chosen = [i for i in order.tolist() if not bool(excluded[i])][: n // 2 + 1]
         keep = torch.zeros(n, dtype=torch.bool)
-        keep[candidates] = True
+        keep[chosen] = True
         used_fallback = True
 
     kept = torch.zeros(num_clients, dtype=torch.bool)
@@ -166,7 +193,9 @@ def shield(
     for i in range(n):
         why = []
         if bool(duplicate[i]):
-            why.append("duplicate")
+            why.append("near-duplicate")
+        if bool(oversized[i]):
+            why.append("norm above bound")
         if bool(cosine[i] < float(min_cosine)):
             why.append("opposes consensus")
         elif bool(cosine[i] < low):
@@ -181,6 +210,7 @@ def shield(
         dropped_by={int(usable[i]): r for i, r in enumerate(reasons) if r},
         fallback=used_fallback,
         kept_fraction=int(keep.sum()) / n,
+        max_pairwise_cosine_kept=float(pairwise[keep][:, keep].max()) if int(keep.sum()) > 1 else None,
     )
     report = AggregationReport(
         method="shield",

@@ -18,6 +18,8 @@ from sf_ext.strategies.fed_avg_w_attack import FedAvgWAttack, enable_attack
 from sf_ext.strategies.fed_avg_w_prune import (
     FedAvgWPrune,
     UnknownParameterWarning,
+    UnmaskedAverageWarning,
+    check_aggregator,
     check_parameters,
     kept_fraction,
     misspelled_parameters,
@@ -31,6 +33,8 @@ __all__ = [
     "PARAMETER_CHECKS",
     "STRATEGIES",
     "UnknownParameterWarning",
+    "UnmaskedAverageWarning",
+    "check_aggregator",
     "check_parameters",
     "enable_attack",
     "install_parameter_checks",
@@ -72,11 +76,36 @@ def install_parameter_checks(dispatcher=_strategy_dispatcher) -> None:
         check = PARAMETER_CHECKS.get(f"{name}_{backend}")
         if check is not None:
             check(**kwargs)
+            if name == "fed_avg_w_prune":
+                found, aggregator = _calling_flmodel_aggregator()
+                if found:
+                    check_aggregator(aggregator, kwargs.get("allow_unmasked_average", False))
         return original(name, backend, *args, **kwargs)
 
     dispatch._sf_ext_checks = True
     dispatch.__wrapped__ = original
     dispatcher.dispatch = dispatch
+
+
+def _calling_flmodel_aggregator(max_depth: int = 12):
+    """``(True, aggregator)`` of the ``FLModel`` being constructed up the call stack, or
+    ``(False, None)``. ``FLModel.__init__`` builds its clients before it stores its aggregator,
+    so the argument is read from the constructor's frame; when it cannot be found the strategy's
+    own check on the first aggregate it receives still applies."""
+    import inspect
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            if frame.f_code.co_name == "__init__" and type(owner).__name__ == "FLModel":
+                return True, frame.f_locals.get("aggregator")
+    finally:
+        del frame
+    return False, None
 
 
 install_parameter_checks()

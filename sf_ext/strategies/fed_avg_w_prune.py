@@ -56,7 +56,7 @@ from sf_ext.pruning import magnitude_prune, scheduled_kept_fraction, validate_pr
 STRATEGY_NAME = "fed_avg_w_prune"
 
 #: The strategy's own keyword arguments (passed through ``FLModel(**kwargs)``).
-PRUNE_PARAMETERS = ("prune_percent", "prune_end_rate", "prune_scope")
+PRUNE_PARAMETERS = ("prune_percent", "prune_end_rate", "prune_scope", "allow_unmasked_average")
 #: ``FLModel``'s named parameters: a misspelling of one of them also lands in the strategy kwargs.
 FLMODEL_PARAMETERS = (
     "server",
@@ -92,6 +92,44 @@ _TYPO_CUTOFF = 0.75
 
 class UnknownParameterWarning(UserWarning):
     """A keyword argument looks like a misspelled ``fed_avg_w_prune``/``FLModel`` parameter."""
+
+
+class UnmaskedAverageWarning(UserWarning):
+    """``allow_unmasked_average=True``: pruned weights are averaged as zeros."""
+
+
+_FIX = (
+    "use SecurePruneAggregator (secure aggregation) or a mask-aware robust aggregator from "
+    "sf_ext.aggregators (FlameAggregator, MedianAggregator, ...), or pass "
+    "allow_unmasked_average=True to FLModel to accept that pruned weights are averaged as zeros"
+)
+
+
+def check_aggregator(aggregator, allow_unmasked_average: bool = False) -> None:
+    """Refuse an aggregator that would average pruned weights as zeros (names it and the fix).
+
+    Raises:
+        InvalidParameterError: the aggregator is not mask-aware and the user did not opt out.
+    """
+    from sf_ext.aggregators.masking import is_mask_aware
+
+    if aggregator is None or is_mask_aware(aggregator):
+        return
+    name = type(aggregator).__name__
+    if allow_unmasked_average:
+        warnings.warn(
+            f"fed_avg_w_prune with {name}: every weight a client pruned is averaged as 0 "
+            "(allow_unmasked_average=True)",
+            UnmaskedAverageWarning,
+            stacklevel=_user_stacklevel(),
+        )
+        return
+    from sf_ext._cli import InvalidParameterError
+
+    raise InvalidParameterError(
+        f"fed_avg_w_prune cannot use {name}: it averages every weight a client pruned as 0 "
+        f"(a weight one of two clients pruned comes out at half its value); {_FIX}"
+    )
 
 
 def _user_stacklevel() -> int:
@@ -133,6 +171,7 @@ def check_parameters(
     prune_end_rate: float = 0.1,
     prune_scope: str = "layer",
     warn_unknown: bool = True,
+    allow_unmasked_average: bool = False,
     **other,
 ) -> None:
     """Validate ``fed_avg_w_prune``'s parameters and warn about likely misspellings.
@@ -144,6 +183,12 @@ def check_parameters(
         InvalidParameterError: (a ``ValueError``) a parameter is out of range; the message names it.
     """
     validate_prune_params(prune_percent, prune_end_rate)
+    if not isinstance(allow_unmasked_average, bool):
+        from sf_ext._cli import InvalidParameterError
+
+        raise InvalidParameterError(
+            f"allow_unmasked_average must be True or False, got {allow_unmasked_average!r}"
+        )
     if prune_scope not in SCOPES:
         from sf_ext._cli import InvalidParameterError
 
@@ -172,6 +217,10 @@ class FedAvgWPrune(FedAvgW):
         prune_end_rate: Fraction of weights **kept** once pruning stops, in (0, 1].
         prune_scope: ``"layer"`` (default, as in the seed experiment) ranks magnitudes within each
             weight tensor; ``"global"`` ranks them across all weight tensors.
+        allow_unmasked_average: Accept global weights from an aggregator that is not mask-aware
+            (it averages pruned weights as zeros); by default they are refused with an error
+            (at ``FLModel(...)`` when the aggregator is known there, else at the first
+            aggregate received).
         **kwargs: Other ``FLModel`` keyword arguments (SecretFlow passes every one to every
             strategy; misspellings are reported by :func:`check_parameters`).
     """
@@ -184,10 +233,18 @@ class FedAvgWPrune(FedAvgW):
         prune_percent: float = 5,
         prune_end_rate: float = 0.1,
         prune_scope: str = "layer",
+        allow_unmasked_average: bool = False,
         **kwargs,
     ):
         # FLModel already checked (and warned) in the driver; direct construction is checked here.
-        check_parameters(prune_percent, prune_end_rate, prune_scope, warn_unknown=False)
+        check_parameters(
+            prune_percent,
+            prune_end_rate,
+            prune_scope,
+            warn_unknown=False,
+            allow_unmasked_average=allow_unmasked_average,
+        )
+        self.allow_unmasked_average = allow_unmasked_average
         super().__init__(builder_base, random_seed=random_seed, skip_bn=skip_bn, **kwargs)
         self.prune_percent = float(prune_percent)
         self.prune_end_rate = float(prune_end_rate)
@@ -230,7 +287,22 @@ class FedAvgWPrune(FedAvgW):
         return export_weights(self.model, skip_bn=self.skip_bn)
 
     def set_weights(self, weights):
-        """Load a weight list (the aggregate) and re-apply this client's mask."""
+        """Load a weight list (the aggregate) and re-apply this client's mask.
+
+        Raises:
+            ValueError: the weights come from an aggregator that is not mask-aware (pruned
+                weights averaged as zeros) and ``allow_unmasked_average`` is False.
+        """
+        from sf_ext.aggregators.masking import MaskAwareAggregate
+
+        if not self.allow_unmasked_average and not isinstance(weights, MaskAwareAggregate):
+            from sf_ext._cli import InvalidParameterError
+
+            raise InvalidParameterError(
+                "fed_avg_w_prune received global weights from an aggregator that is not "
+                "mask-aware (SecretFlow's PlainAggregator/SecureAggregator or a server_agg_method "
+                f"average every pruned weight as 0); {_FIX}"
+            )
         import_weights(self.model, weights, skip_bn=self.skip_bn)
         apply_masks(self.model, self.masks)
 
