@@ -293,8 +293,9 @@ def test_shield_keeps_heterogeneous_benign_clients():
     gen = torch.Generator().manual_seed(4)
     common = torch.randn(500, generator=gen)
     groups = torch.randn(5, 500, generator=gen)
-    updates = torch.cat([common + 1.5 * groups[g] + 1.2 * torch.randn(4, 500, generator=gen)
-                         for g in range(5)])
+    updates = torch.cat(
+        [common + 1.5 * groups[g] + 1.2 * torch.randn(4, 500, generator=gen) for g in range(5)]
+    )
     _, report = run_rule("shield", updates)
     assert report.num_kept == 20 and not report.details["fallback"]
     assert report.details["max_pairwise_cosine_kept"] < 0.9

@@ -644,14 +644,22 @@ def test_an_aggregator_that_averages_pruned_weights_as_zeros_is_refused(sf_parti
         name = type(aggregator).__name__
         with pytest.raises(ValueError, match=f"cannot use {name}.*SecurePruneAggregator"):
             FLModel(
-                server=charlie, device_list=[alice, bob], model=_model_def(MLP),
-                aggregator=aggregator, strategy="fed_avg_w_prune", backend="torch",
+                server=charlie,
+                device_list=[alice, bob],
+                model=_model_def(MLP),
+                aggregator=aggregator,
+                strategy="fed_avg_w_prune",
+                backend="torch",
             )
     with pytest.raises(ValueError, match="allow_unmasked_average must be True or False"):
         FLModel(
-            server=charlie, device_list=[alice, bob], model=_model_def(MLP),
-            aggregator=SecurePruneAggregator(charlie, [alice, bob]), strategy="fed_avg_w_prune",
-            backend="torch", allow_unmasked_average="yes",
+            server=charlie,
+            device_list=[alice, bob],
+            model=_model_def(MLP),
+            aggregator=SecurePruneAggregator(charlie, [alice, bob]),
+            strategy="fed_avg_w_prune",
+            backend="torch",
+            allow_unmasked_average="yes",
         )
 
 
@@ -666,7 +674,9 @@ def test_the_client_refuses_an_unmasked_aggregate_it_was_not_told_about(sf_parti
     weights = client.get_weights()
     with pytest.raises(ValueError, match="not mask-aware.*allow_unmasked_average=True"):
         client.set_weights([np.asarray(w) for w in weights])
-    client.set_weights(MaskAwareAggregate([np.asarray(w) for w in weights], "SecurePruneAggregator"))
+    client.set_weights(
+        MaskAwareAggregate([np.asarray(w) for w in weights], "SecurePruneAggregator")
+    )
     lenient = FedAvgWPrune(
         _model_def(MLP, in_channels=1, image_size=8), random_seed=0, allow_unmasked_average=True
     )
@@ -683,8 +693,12 @@ def test_opting_out_warns_and_shows_the_zero_averaging(sf_parties):
     aggregator = SecureAggregator(charlie, [alice, bob])
     with pytest.warns(UnmaskedAverageWarning, match="averaged as 0"):
         FLModel(
-            server=charlie, device_list=[alice, bob], model=_model_def(MLP),
-            aggregator=aggregator, strategy="fed_avg_w_prune", backend="torch",
+            server=charlie,
+            device_list=[alice, bob],
+            model=_model_def(MLP),
+            aggregator=aggregator,
+            strategy="fed_avg_w_prune",
+            backend="torch",
             allow_unmasked_average=True,
         )
     from sf_ext.pruning import MaskedWeights
@@ -692,8 +706,11 @@ def test_opting_out_warns_and_shows_the_zero_averaging(sf_parties):
     w = np.array([[2.0, 1.0]], np.float32)
     uploads = [
         alice(lambda: MaskedWeights([w], [np.array([[True, True]])]))(),
-        bob(lambda: MaskedWeights([w * 0 + np.array([[0.0, 3.0]], np.float32)],
-                                  [np.array([[False, True]])]))(),
+        bob(
+            lambda: MaskedWeights(
+                [w * 0 + np.array([[0.0, 3.0]], np.float32)], [np.array([[False, True]])]
+            )
+        )(),
     ]
     zeroed = sf.reveal(aggregator.average(uploads, axis=0, weights=[1, 1]))[0]
     correct = sf.reveal(SecurePruneAggregator(charlie, [alice, bob]).average(uploads, 0, [1, 1]))[0]

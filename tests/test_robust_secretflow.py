@@ -342,7 +342,9 @@ def test_mask_aware_adapters_average_each_coordinate_over_its_keepers(sf_clients
     clients, server = sf_clients
     rng = np.random.default_rng(3)
     start = rng.normal(size=12).astype(np.float32)
-    options = {"noise_lambda": 0.0} if method == "flame" else ({"f": 0} if method == "multi_krum" else {})
+    options = (
+        {"noise_lambda": 0.0} if method == "flame" else ({"f": 0} if method == "multi_krum" else {})
+    )
     aggregator = RobustAggregator(server, clients, method=method, **options)
     sf.reveal(aggregator.average([c(lambda: [start.reshape(3, 4)])() for c in clients], axis=0))
     uploads, weights, masks = _masked_uploads(rng, start)
@@ -355,7 +357,9 @@ def test_mask_aware_adapters_average_each_coordinate_over_its_keepers(sf_clients
     kept = np.array(report["kept"])
     e = (weights - start) * masks  # what the rule saw: masked updates
     if method == "fedavg":
-        expected = (np.array(counts)[:, None] * weights).sum(0) / (np.array(counts)[:, None] * masks).sum(0).clip(1e-30)
+        expected = (np.array(counts)[:, None] * weights).sum(0) / (
+            np.array(counts)[:, None] * masks
+        ).sum(0).clip(1e-30)
         expected[masks.sum(0) == 0] = 0
         np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
         # A weight only one client kept is that client's weight, not a fraction of it.

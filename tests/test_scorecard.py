@@ -8,8 +8,16 @@ import torch
 
 from sf_ext.simulator.scorecard import cell_metrics, load_card, main, run_card
 
-DIGITS = dict(dataset="digits", model="mlp", partition="iid", lr=0.1, batch_size=16,
-              num_clients=10, clients_per_round=5, rounds=2)
+DIGITS = dict(
+    dataset="digits",
+    model="mlp",
+    partition="iid",
+    lr=0.1,
+    batch_size=16,
+    num_clients=10,
+    clients_per_round=5,
+    rounds=2,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -27,22 +35,38 @@ def _card(tmp_path, **extra):
         "seeds": [0, 1],
         "settings": [
             {"key": "iid", "label": "digits IID"},
-            {"key": "dir", "label": "digits Dirichlet 0.5",
-             "set": {"partition": "dirichlet", "alpha": 0.5, "min_client_size": 5},
-             "defenses": ["multi_krum"], "seeds": [0]},
+            {
+                "key": "dir",
+                "label": "digits Dirichlet 0.5",
+                "set": {"partition": "dirichlet", "alpha": 0.5, "min_client_size": 5},
+                "defenses": ["multi_krum"],
+                "seeds": [0],
+            },
         ],
         "defenses": [
             {"key": "fedavg", "label": "FedAvg", "aggregator": "fedavg"},
-            {"key": "multi_krum", "label": "Multi-Krum", "aggregator": "multi_krum",
-             "aggregator_options": {"f": "auto"}},
+            {
+                "key": "multi_krum",
+                "label": "Multi-Krum",
+                "aggregator": "multi_krum",
+                "aggregator_options": {"f": "auto"},
+            },
         ],
         "attacks": [
             {"key": "none", "label": "No attack"},
-            {"key": "flip-40", "label": "Sign flip 40%", "attack": "sign_flip",
-             "attacker_fraction": 0.4},
-            {"key": "bd-20", "label": "Black-box 20%", "attack": "blackbox",
-             "attacker_fraction": 0.2,
-             "backdoor": {"source_class": 7, "target_class": 1, "tail_fraction": 0.2}},
+            {
+                "key": "flip-40",
+                "label": "Sign flip 40%",
+                "attack": "sign_flip",
+                "attacker_fraction": 0.4,
+            },
+            {
+                "key": "bd-20",
+                "label": "Black-box 20%",
+                "attack": "blackbox",
+                "attacker_fraction": 0.2,
+                "backdoor": {"source_class": 7, "target_class": 1, "tail_fraction": 0.2},
+            },
         ],
         **extra,
     }
@@ -61,14 +85,25 @@ def test_card_runs_reports_the_worst_seed_and_resumes(tmp_path):
     out = tmp_path / "out"
     summary = run_card(card, str(out), progress=False)
     assert summary["complete"] and summary["cells_done"] == 15
-    for name in ("scorecard.md", "scorecard.csv", "scorecard.json", "heatmap-iid.png",
-                 "heatmap-dir.png"):
+    for name in (
+        "scorecard.md",
+        "scorecard.csv",
+        "scorecard.json",
+        "heatmap-iid.png",
+        "heatmap-dir.png",
+    ):
         assert (out / name).exists(), name
     # The worst case is the minimum over the seeds' own differences to their own FedAvg*.
-    entry = next(e for e in summary["entries"]
-                 if (e["setting"], e["attack"], e["defense"]) == ("iid", "flip-40", "fedavg"))
-    seeds = [r for r in summary["per_seed"]
-             if (r["setting"], r["attack"], r["defense"]) == ("iid", "flip-40", "fedavg")]
+    entry = next(
+        e
+        for e in summary["entries"]
+        if (e["setting"], e["attack"], e["defense"]) == ("iid", "flip-40", "fedavg")
+    )
+    seeds = [
+        r
+        for r in summary["per_seed"]
+        if (r["setting"], r["attack"], r["defense"]) == ("iid", "flip-40", "fedavg")
+    ]
     assert sorted(r["seed"] for r in seeds) == [0, 1]
     assert entry["d_final_worst"] == min(r["d_final"] for r in seeds)
     assert entry["d_final_mean"] == pytest.approx(sum(r["d_final"] for r in seeds) / 2)
@@ -81,11 +116,17 @@ def test_card_runs_reports_the_worst_seed_and_resumes(tmp_path):
     bd_cell = next(c for c in cells if c.attack == "bd-20")
     assert by_key[bd_cell.reference].config.backdoor == bd_cell.config.backdoor
     # FedAvg does not select: no detection rates, no FPR criterion without attack.
-    clean = next(e for e in summary["entries"]
-                 if (e["setting"], e["attack"], e["defense"]) == ("iid", "none", "fedavg"))
+    clean = next(
+        e
+        for e in summary["entries"]
+        if (e["setting"], e["attack"], e["defense"]) == ("iid", "none", "fedavg")
+    )
     assert not clean["selects"] and math.isnan(clean["fpr_worst"]) and clean["passes"] is None
-    krum_clean = next(e for e in summary["entries"]
-                      if (e["setting"], e["attack"], e["defense"]) == ("iid", "none", "multi_krum"))
+    krum_clean = next(
+        e
+        for e in summary["entries"]
+        if (e["setting"], e["attack"], e["defense"]) == ("iid", "none", "multi_krum")
+    )
     assert krum_clean["passes"] == (krum_clean["fpr_worst"] <= 0.10)
     table = (out / "scorecard.md").read_text()
     assert "## digits IID" in table and "| Sign flip 40% |" in table and "n/a" in table
@@ -103,8 +144,14 @@ def test_card_runs_reports_the_worst_seed_and_resumes(tmp_path):
 
 def _result(accuracies, final=None, **final_extra):
     history = [{"round": i, "accuracy": a} for i, a in enumerate(accuracies)]
-    final = final or {"accuracy": accuracies[-1], "status": "ok", "selects": True, "tpr": 1.0,
-                      "fpr": 0.0, **final_extra}
+    final = final or {
+        "accuracy": accuracies[-1],
+        "status": "ok",
+        "selects": True,
+        "tpr": 1.0,
+        "fpr": 0.0,
+        **final_extra,
+    }
     return {"history": history, "final": final}
 
 
@@ -114,8 +161,9 @@ def test_cell_metrics_are_round_matched_and_count_divergence_as_zero():
     metrics = cell_metrics(dipped, reference)
     assert metrics["d_final"] == pytest.approx(-1.0)
     assert metrics["d_low"] == pytest.approx(-30.0)  # round 0: 0.50 against 0.80
-    diverged = _result([0.7], final={"accuracy": None, "diverged": True, "status": "diverged",
-                                     "selects": False})
+    diverged = _result(
+        [0.7], final={"accuracy": None, "diverged": True, "status": "diverged", "selects": False}
+    )
     metrics = cell_metrics(diverged, reference)
     assert metrics["d_final"] == pytest.approx(-90.0) and metrics["status"] == "diverged"
     assert math.isnan(metrics["tpr"])

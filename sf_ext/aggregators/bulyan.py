@@ -8,6 +8,10 @@
 Bulyan needs ``n >= 4f + 3``. All Krum scores come from one Gram matrix; the coordinate stage
 works on column blocks of the selected rows.
 
+Checked against a test-local re-derivation of the paper's definition (iterated Krum, then the
+beta values closest to the median, in numpy). FLPoison's port differs: its beta equals the
+selected count, so it reduces to the mean of the Krum-selected updates.
+
 What the server learns: every client's plaintext update (pairwise distances and per-coordinate
 order statistics need them) and sample counts.
 """

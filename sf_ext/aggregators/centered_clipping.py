@@ -14,6 +14,9 @@ chosen for momentum vectors of gradients; for model updates of norm ~1 a value n
 spread (e.g. 1) is what makes the rule bite, and the scorecard states the value it uses. The center is state the caller keeps across rounds (``ServerContext.state``); the first
 round starts from zero.
 
+Checked against the official update rule written out in numpy (two iterations, then one more
+round from the remembered center) in the unit tests.
+
 What the server learns: every client's plaintext update; it remembers the previous aggregate.
 """
 

@@ -58,13 +58,13 @@ def _krum_f(n: int, options: Mapping[str, Any]) -> int:
 
 def _trimmed(n: int, options: Mapping[str, Any]) -> int:
     if options.get("f") is not None:
-        return int(options["f"])
+        return min(int(options["f"]), _minority(n, options))
     return int(float(options.get("trim_ratio", 0.1)) * n)
 
 
 def _dnc_f(n: int, options: Mapping[str, Any]) -> int:
     f = options.get("f")
-    return int(f) if f is not None else _minority(n, options)
+    return min(int(f), _minority(n, options)) if f is not None else _minority(n, options)
 
 
 def _flame_needs(options: Mapping[str, Any]):
@@ -88,9 +88,7 @@ register_aggregator("median", tolerates=_minority, aliases=("coordinate_median",
 register_aggregator("trimmed_mean", tolerates=_trimmed, linear=False)(trimmed_mean)
 register_aggregator("ndc", aliases=("norm_clipping",))(norm_clipping)
 register_aggregator("rfa", tolerates=_minority, aliases=("geometric_median",))(geometric_median)
-register_aggregator("rsa", needs=("round_index",), aliases=("sign",), linear=False)(
-    sign_aggregate
-)
+register_aggregator("rsa", needs=("round_index",), aliases=("sign",), linear=False)(sign_aggregate)
 register_aggregator(
     "flame", needs=_flame_needs, uses=("generator",), selects=True, tolerates=_minority
 )(flame)

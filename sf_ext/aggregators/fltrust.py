@@ -11,6 +11,8 @@ Updates pointing away from the server's (cosine <= 0) get no weight; magnitude a
 neutralized by the rescaling. The root update comes from the caller (the simulator trains it;
 the SecretFlow adapter trains it on the server PYU) through ``ServerContext.root_update``.
 
+Checked against the paper's formula written out in numpy in the unit tests.
+
 What the server learns: every client's plaintext update and its trust score; it also needs its
 own clean root data.
 """

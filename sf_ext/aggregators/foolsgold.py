@@ -21,6 +21,8 @@ weights are normalized to sum to one by default (BackFed's form, ``normalize=Tru
 ``normalize=False`` gives the original. The original's optional "indicative features"
 (top-k output-layer weights) are not implemented.
 
+Checked against the original's loops (pardoning and logit) written out in numpy.
+
 What the server learns: every client's plaintext update, and it stores every client's summed
 history across rounds.
 """

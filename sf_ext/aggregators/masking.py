@@ -112,7 +112,9 @@ def mask_aware_update(
         kept_share = shares @ masks
         total = float(shares.sum())
         nobody = kept_share <= 0
-        scale = torch.where(nobody, torch.zeros_like(kept_share), total / kept_share.clamp(min=1e-30))
+        scale = torch.where(
+            nobody, torch.zeros_like(kept_share), total / kept_share.clamp(min=1e-30)
+        )
         return result * scale, nobody
     kept = report.kept.to(torch.float32)
     nobody = (kept @ masks) <= 0

@@ -41,6 +41,10 @@ duplicate check, and attackers who stay within the norm bound and the benign spr
 directions (a sign flip of norm 1x, a stealthy backdoor) are not removed: clipping bounds what
 each of them can do (a minority of clipped updates can slow training, not take it over).
 
+Checked in the unit tests on planted rounds (sign flip, same value, x10 scaling, NaN, IPM's
+identical rows, heterogeneous benign groups) and the consensus against the geometric median's
+definition; measured across the scorecard (experiments/robustness/README.md).
+
 What the server learns: every client's plaintext update (its norm, its direction relative to the
 others) and the kept set.
 """
@@ -210,7 +214,9 @@ def shield(
         dropped_by={int(usable[i]): r for i, r in enumerate(reasons) if r},
         fallback=used_fallback,
         kept_fraction=int(keep.sum()) / n,
-        max_pairwise_cosine_kept=float(pairwise[keep][:, keep].max()) if int(keep.sum()) > 1 else None,
+        max_pairwise_cosine_kept=(
+            float(pairwise[keep][:, keep].max()) if int(keep.sum()) > 1 else None
+        ),
     )
     report = AggregationReport(
         method="shield",

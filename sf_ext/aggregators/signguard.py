@@ -17,6 +17,9 @@ Departures, stated: NaN/inf updates are screened first (the official code zeroes
 when MeanShift assigns nobody, the result is a zero update (the official code would fail).
 FLPoison's port defaults to DBSCAN(eps=0.05, min_samples=3); ``clustering="dbscan"`` gives it.
 
+Checked in the unit tests: the norm filter and the lower-median clipping against direct
+computations, and the sign clustering on a constructed split of sign profiles.
+
 What the server learns: every client's plaintext update (norms and sign statistics are computed
 in the clear).
 """

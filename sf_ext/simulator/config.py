@@ -67,7 +67,8 @@ class SimulationConfig:
 
     Aggregation:
         aggregator: Name in :data:`sf_ext.aggregators.AGGREGATORS`.
-        aggregator_options: Keyword options for it (``f: auto`` = expected attackers per round).
+        aggregator_options: Keyword options for it (``f: auto`` = the attackers per round, capped
+            at the most the rule can be configured for).
 
     Attack:
         attack: ``None``, an untargeted update attack (:data:`UNTARGETED`), a backdoor

@@ -162,9 +162,13 @@ class Simulator:
         cfg = self.config
         options = dict(cfg.aggregator_options)
         if options.get("f") == "auto":
-            # Krum-style rules are told the number of attackers, within what they can tolerate.
-            n = cfg.clients_per_round
-            options["f"] = max(0, min(cfg.attackers_per_round(), (n - 3) // 2))
+            # Rules that take f are told the number of attackers per round, capped at what the
+            # rule can be configured with (Krum: (n - 3) // 2, Bulyan: (n - 3) // 4).
+            f = cfg.attackers_per_round()
+            if self.rule.tolerates is not None:
+                n = cfg.clients_per_round
+                f = min(f, int(self.rule.tolerates(n, {"f": n})))
+            options["f"] = max(0, f)
         return options
 
     def _tolerance_warnings(self) -> List[str]:

@@ -50,7 +50,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["Scorecard", "ScoreCell", "load_card", "run_card", "summarize", "main"]
 
-_CARD_SECTIONS = ("name", "description", "base", "seeds", "settings", "defenses", "attacks", "notes")
+_CARD_SECTIONS = (
+    "name",
+    "description",
+    "base",
+    "seeds",
+    "settings",
+    "defenses",
+    "attacks",
+    "notes",
+)
 UNTARGETED_LIMIT = -3.0  # points of accuracy below FedAvg*
 BACKDOOR_LIMIT = 0.05
 FPR_LIMIT = 0.10
@@ -104,16 +113,22 @@ class Scorecard:
 
         return "backdoor" if get_attack(entry["attack"]).kind == "backdoor" else "untargeted"
 
-    def cells(self, overrides: Optional[Dict[str, Any]] = None) -> Tuple[List[ScoreCell], List[ScoreCell]]:
+    def cells(
+        self, overrides: Optional[Dict[str, Any]] = None
+    ) -> Tuple[List[ScoreCell], List[ScoreCell]]:
         """``(references, cells)``: FedAvg* per (setting, seed), and every scored cell."""
         from sf_ext.simulator.config import SimulationConfig
 
         references, cells = [], []
         for setting in self.settings:
-            defenses = _selection(setting.get("defenses"), [d["key"] for d in self.defenses], "defense")
+            defenses = _selection(
+                setting.get("defenses"), [d["key"] for d in self.defenses], "defense"
+            )
             attacks = _selection(setting.get("attacks"), [a["key"] for a in self.attacks], "attack")
             for seed in setting.get("seeds", self.seeds):
-                base = _merge(self.base, setting.get("set", {}), {"seed": int(seed)}, overrides or {})
+                base = _merge(
+                    self.base, setting.get("set", {}), {"seed": int(seed)}, overrides or {}
+                )
 
                 def build(extra, label):
                     try:
@@ -121,8 +136,13 @@ class Scorecard:
                     except ValueError as exc:
                         raise ValueError(f"{self.name}, {setting['key']}, {label}: {exc}") from None
 
-                clean = {"aggregator": "fedavg", "aggregator_options": {}, "attack": None,
-                         "attacker_fraction": 0.0, "attack_options": {}}
+                clean = {
+                    "aggregator": "fedavg",
+                    "aggregator_options": {},
+                    "attack": None,
+                    "attacker_fraction": 0.0,
+                    "attack_options": {},
+                }
                 for attack_key in attacks:
                     attack = _strip(self.attack(attack_key))
                     # FedAvg* sees the same data as the attack's cells: an attack's own backdoor
@@ -141,8 +161,14 @@ class Scorecard:
                         defense = _strip(self.defense(defense_key))
                         config = build(_merge(attack, defense), f"{attack_key} x {defense_key}")
                         cells.append(
-                            ScoreCell(setting["key"], attack_key, defense_key, int(seed), config,
-                                      reference.key)
+                            ScoreCell(
+                                setting["key"],
+                                attack_key,
+                                defense_key,
+                                int(seed),
+                                config,
+                                reference.key,
+                            )
                         )
         return references, cells
 
@@ -228,9 +254,9 @@ def load_card(path: str) -> Scorecard:
 
 def _run_one(args) -> Tuple[str, Dict[str, Any]]:
     config_dict, cell_dir, cache_dir, threads = args
-    from sf_ext.simulator.run import run_cell
-
     import warnings
+
+    from sf_ext.simulator.run import run_cell
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # recorded in the result instead
@@ -368,8 +394,14 @@ def summarize(card: Scorecard, out: str, overrides=None) -> Dict[str, Any]:
         if result is None or reference is None:
             continue
         metrics = cell_metrics(result, reference)
-        row = {"setting": cell.setting, "attack": cell.attack, "defense": cell.defense,
-               "seed": cell.seed, "cell": cell.key, **metrics}
+        row = {
+            "setting": cell.setting,
+            "attack": cell.attack,
+            "defense": cell.defense,
+            "seed": cell.seed,
+            "cell": cell.key,
+            **metrics,
+        }
         per_seed.append(row)
         groups.setdefault((cell.setting, cell.attack, cell.defense), []).append(row)
     entries = []
@@ -383,14 +415,24 @@ def summarize(card: Scorecard, out: str, overrides=None) -> Dict[str, Any]:
         fpr = _worst([r["fpr"] for r in rows], max)
         flags = sorted({r["status"] for r in rows if r["status"] != "ok"})
         entry = {
-            "setting": setting, "attack": attack, "defense": defense, "kind": kind,
+            "setting": setting,
+            "attack": attack,
+            "defense": defense,
+            "kind": kind,
             "seeds": sorted(r["seed"] for r in rows),
-            "d_final_worst": d_final[0], "d_final_mean": d_final[1],
-            "d_low_worst": d_low[0], "d_low_mean": d_low[1],
-            "bd_final_worst": bd_final[0], "bd_final_mean": bd_final[1],
+            "d_final_worst": d_final[0],
+            "d_final_mean": d_final[1],
+            "d_low_worst": d_low[0],
+            "d_low_mean": d_low[1],
+            "bd_final_worst": bd_final[0],
+            "bd_final_mean": bd_final[1],
             "bd_peak_worst": bd_peak[0],
-            "tpr_worst": tpr[0], "tpr_mean": tpr[1], "fpr_worst": fpr[0], "fpr_mean": fpr[1],
-            "selects": rows[0]["selects"], "flags": flags,
+            "tpr_worst": tpr[0],
+            "tpr_mean": tpr[1],
+            "fpr_worst": fpr[0],
+            "fpr_mean": fpr[1],
+            "selects": rows[0]["selects"],
+            "flags": flags,
             "warnings": sorted({w for r in rows for w in r["warnings"]}),
         }
         entry["passes"] = _passes(entry)
@@ -444,14 +486,24 @@ def markdown(card: Scorecard, summary: Dict[str, Any]) -> str:
     ]
     for setting in card.settings:
         skey = setting["key"]
-        defenses = [d for d in _selection(setting.get("defenses"), [d["key"] for d in card.defenses], "defense")]
+        defenses = [
+            d
+            for d in _selection(
+                setting.get("defenses"), [d["key"] for d in card.defenses], "defense"
+            )
+        ]
         attacks = _selection(setting.get("attacks"), [a["key"] for a in card.attacks], "attack")
         labels = [card.defense(d).get("label", d) for d in defenses]
         header = "| Attack | " + " | ".join(labels) + " |"
         rule = "|---" * (len(labels) + 1) + "|"
         lines += [f"## {setting.get('label', skey)}", ""]
-        lines += ["Accuracy minus FedAvg\\* at the final round, points (backdoor rows: backdoor "
-                  "accuracy %, worst seed):", "", header, rule]
+        lines += [
+            "Accuracy minus FedAvg\\* at the final round, points (backdoor rows: backdoor "
+            "accuracy %, worst seed):",
+            "",
+            header,
+            rule,
+        ]
         for akey in attacks:
             kind = card.attack_kind(akey)
             cells = []
@@ -467,26 +519,42 @@ def markdown(card: Scorecard, summary: Dict[str, Any]) -> str:
                 if e["passes"] is False:
                     text += " ✗"
                 if e["flags"]:
-                    text += " " + " ".join(f"({'div.' if f == 'diverged' else f})" for f in e["flags"])
+                    text += " " + " ".join(
+                        f"({'div.' if f == 'diverged' else f})" for f in e["flags"]
+                    )
                 cells.append(text)
             label = card.attack(akey).get("label", akey)
             if kind == "backdoor":
-                base = [r["reference_bd"] for r in summary["per_seed"]
-                        if r["setting"] == skey and r["attack"] == akey]
+                base = [
+                    r["reference_bd"]
+                    for r in summary["per_seed"]
+                    if r["setting"] == skey and r["attack"] == akey
+                ]
                 base = [b for b in base if not math.isnan(b)]
                 if base:
                     label += f" (FedAvg\\* without attack: {100 * max(base):.1f})"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines += ["", "Lowest round-matched accuracy minus FedAvg\\*, points (worst seed):", "",
-                  header, rule]
+        lines += [
+            "",
+            "Lowest round-matched accuracy minus FedAvg\\*, points (worst seed):",
+            "",
+            header,
+            rule,
+        ]
         for akey in attacks:
             cells = []
             for dkey in defenses:
                 e = by_key.get((skey, akey, dkey))
                 cells.append("(not run)" if e is None else _fmt(e["d_low_worst"]))
             lines.append(f"| {card.attack(akey).get('label', akey)} | " + " | ".join(cells) + " |")
-        lines += ["", "Attackers dropped (TPR) / benign dropped (FPR), %, worst seed (n/a: the "
-                  "rule never selects clients):", "", header, rule]
+        lines += [
+            "",
+            "Attackers dropped (TPR) / benign dropped (FPR), %, worst seed (n/a: the "
+            "rule never selects clients):",
+            "",
+            header,
+            rule,
+        ]
         for akey in attacks:
             cells = []
             for dkey in defenses:
@@ -496,34 +564,74 @@ def markdown(card: Scorecard, summary: Dict[str, Any]) -> str:
                 elif not e["selects"]:
                     cells.append("n/a")
                 elif card.attack_kind(akey) == "none":
-                    cells.append(f"– / {_fmt(e['fpr_worst'], 0, True)}" + (" ✗" if e["passes"] is False else ""))
+                    cells.append(
+                        f"– / {_fmt(e['fpr_worst'], 0, True)}"
+                        + (" ✗" if e["passes"] is False else "")
+                    )
                 else:
-                    cells.append(f"{_fmt(e['tpr_worst'], 0, True)} / {_fmt(e['fpr_worst'], 0, True)}")
+                    cells.append(
+                        f"{_fmt(e['tpr_worst'], 0, True)} / {_fmt(e['fpr_worst'], 0, True)}"
+                    )
             lines.append(f"| {card.attack(akey).get('label', akey)} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Criteria met, per defense (entries passing / entries with a criterion)", "",
-              "| Defense | passing | failing entries |", "|---|---|---|"]
+    lines += [
+        "## Criteria met, per defense (entries passing / entries with a criterion)",
+        "",
+        "| Defense | passing | failing entries |",
+        "|---|---|---|",
+    ]
     for defense in card.defenses:
-        mine = [e for e in summary["entries"] if e["defense"] == defense["key"] and e["passes"] is not None]
+        mine = [
+            e
+            for e in summary["entries"]
+            if e["defense"] == defense["key"] and e["passes"] is not None
+        ]
         if not mine:
             continue
         failing = [f"{e['setting']}/{e['attack']}" for e in mine if not e["passes"]]
-        shown = ", ".join(failing[:12]) + (f" (+{len(failing) - 12} more)" if len(failing) > 12 else "")
-        lines.append(f"| {defense.get('label', defense['key'])} | {len(mine) - len(failing)}/{len(mine)} | {shown or 'none'} |")
+        shown = ", ".join(failing[:12]) + (
+            f" (+{len(failing) - 12} more)" if len(failing) > 12 else ""
+        )
+        lines.append(
+            f"| {defense.get('label', defense['key'])} | {len(mine) - len(failing)}/{len(mine)} | {shown or 'none'} |"
+        )
     if card.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in card.notes]
     return "\n".join(lines) + "\n"
 
 
 def write_csv(path: str, summary: Dict[str, Any]) -> None:
-    fields = ["setting", "attack", "defense", "seed", "accuracy", "reference_accuracy", "d_final",
-              "d_low", "bd_final", "bd_peak", "reference_bd", "tpr", "fpr", "status", "cell"]
+    fields = [
+        "setting",
+        "attack",
+        "defense",
+        "seed",
+        "accuracy",
+        "reference_accuracy",
+        "d_final",
+        "d_low",
+        "bd_final",
+        "bd_peak",
+        "reference_bd",
+        "tpr",
+        "fpr",
+        "status",
+        "cell",
+    ]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in summary["per_seed"]:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else
-                                 ("" if isinstance(v, float) else v)) for k, v in row.items()})
+            writer.writerow(
+                {
+                    k: (
+                        f"{v:.4f}"
+                        if isinstance(v, float) and not math.isnan(v)
+                        else ("" if isinstance(v, float) else v)
+                    )
+                    for k, v in row.items()
+                }
+            )
 
 
 def write_heatmaps(card: Scorecard, out: str, summary: Dict[str, Any]) -> List[str]:
@@ -543,15 +651,27 @@ def write_heatmaps(card: Scorecard, out: str, summary: Dict[str, Any]) -> List[s
         attacks = _selection(setting.get("attacks"), [a["key"] for a in card.attacks], "attack")
         acc_rows = [a for a in attacks if card.attack_kind(a) in ("none", "untargeted", "adaptive")]
         bd_rows = [a for a in attacks if card.attack_kind(a) == "backdoor"]
-        panels = [(acc_rows, "d_final_worst", "accuracy − FedAvg* (points, worst seed)", "RdYlGn",
-                   (-30, 5)), (bd_rows, "bd_final_worst", "backdoor accuracy (%, worst seed)",
-                   "RdYlGn_r", (0, 100))]
+        panels = [
+            (
+                acc_rows,
+                "d_final_worst",
+                "accuracy − FedAvg* (points, worst seed)",
+                "RdYlGn",
+                (-30, 5),
+            ),
+            (bd_rows, "bd_final_worst", "backdoor accuracy (%, worst seed)", "RdYlGn_r", (0, 100)),
+        ]
         panels = [p for p in panels if p[0]]
         heights = [max(len(p[0]), 1) for p in panels]
         fig, axes = plt.subplots(
-            len(panels), 1,
-            figsize=(max(6.5, 2.2 + 0.62 * len(defenses)), 1.6 + 0.36 * sum(heights) + 1.0 * len(panels)),
-            gridspec_kw={"height_ratios": heights}, squeeze=False,
+            len(panels),
+            1,
+            figsize=(
+                max(6.5, 2.2 + 0.62 * len(defenses)),
+                1.6 + 0.36 * sum(heights) + 1.0 * len(panels),
+            ),
+            gridspec_kw={"height_ratios": heights},
+            squeeze=False,
         )
         for ax, (rows, key, title, cmap, (vmin, vmax)) in zip(axes[:, 0], panels):
             grid = np.full((len(rows), len(defenses)), np.nan)
@@ -561,7 +681,9 @@ def write_heatmaps(card: Scorecard, out: str, summary: Dict[str, Any]) -> List[s
                     if e is not None:
                         value = e[key]
                         grid[i, j] = 100 * value if key.startswith("bd") else value
-            image = ax.imshow(np.clip(grid, vmin, vmax), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+            image = ax.imshow(
+                np.clip(grid, vmin, vmax), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto"
+            )
             for i, a in enumerate(rows):
                 for j, d in enumerate(defenses):
                     e = by_key.get((skey, a, d))
@@ -569,10 +691,19 @@ def write_heatmaps(card: Scorecard, out: str, summary: Dict[str, Any]) -> List[s
                         continue
                     ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=7)
                     if e["passes"] is False:
-                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.2, ec="black"))
-            ax.set_yticks(range(len(rows)), [card.attack(a).get("label", a) for a in rows], fontsize=7)
-            ax.set_xticks(range(len(defenses)), [card.defense(d).get("label", d) for d in defenses],
-                          rotation=45, ha="right", fontsize=7)
+                        ax.add_patch(
+                            plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.2, ec="black")
+                        )
+            ax.set_yticks(
+                range(len(rows)), [card.attack(a).get("label", a) for a in rows], fontsize=7
+            )
+            ax.set_xticks(
+                range(len(defenses)),
+                [card.defense(d).get("label", d) for d in defenses],
+                rotation=45,
+                ha="right",
+                fontsize=7,
+            )
             ax.set_title(title, fontsize=8)
             bar = fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
             bar.ax.tick_params(labelsize=7)
@@ -626,7 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="override the device of every cell (cpu, cuda)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the card's seeds")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a simulation setting in every cell (e.g. rounds=30)",
     )
     parser.add_argument("--only", help="run only cells whose key contains one of these texts")
@@ -671,8 +805,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = summarize(card, args.out, overrides)
         write_outputs(card, args.out, summary)
     else:
-        run_card(card, args.out, overrides, args.only, args.workers, args.ray, args.ray_address,
-                 args.threads, not args.no_progress)
+        run_card(
+            card,
+            args.out,
+            overrides,
+            args.only,
+            args.workers,
+            args.ray,
+            args.ray_address,
+            args.threads,
+            not args.no_progress,
+        )
     print(open(os.path.join(args.out, "scorecard.md")).read())
     return 0
 
