@@ -188,3 +188,19 @@ def test_card_mistakes_are_caught_before_anything_runs(tmp_path, capsys):
     assert exit_info.value.code == 2 and "matches no cell" in capsys.readouterr().err
     assert main([bad, "--list"]) == 0
     assert "6 FedAvg* references + 15 cells" in capsys.readouterr().out
+
+
+def test_a_failing_cell_is_reported_and_the_card_goes_on(tmp_path):
+    spec = json.loads(open(_card(tmp_path)).read())
+    # Dirichlet 0.01 over 10 clients cannot give every client 5 samples: those cells fail.
+    spec["settings"][1]["set"]["alpha"] = 0.01
+    spec["settings"][1]["set"]["min_client_size"] = 100
+    (tmp_path / "failing.json").write_text(json.dumps(spec))
+    card = load_card(str(tmp_path / "failing.json"))
+    out = tmp_path / "out"
+    summary = run_card(card, str(out), progress=False)
+    assert summary["failed_cells"] and all(k.startswith("dir-") for k in summary["failed_cells"])
+    assert summary["cells_done"] == 12  # the IID setting finished all its cells
+    failure = json.loads((out / "cells" / summary["failed_cells"][0] / "failed.json").read_text())
+    assert "min_size" in failure["error"]
+    assert "cells failed" in (out / "scorecard.md").read_text()

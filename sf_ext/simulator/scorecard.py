@@ -252,15 +252,32 @@ def load_card(path: str) -> Scorecard:
 # ------------------------------------------------------------------------------------ running
 
 
-def _run_one(args) -> Tuple[str, Dict[str, Any]]:
+FAILED = "failed.json"
+
+
+def _run_one(args) -> Tuple[str, Optional[str]]:
+    """Run one cell; a cell that raises is recorded in ``failed.json`` (the card goes on and
+    reports it), never silently dropped."""
     config_dict, cell_dir, cache_dir, threads = args
+    import traceback
     import warnings
 
     from sf_ext.simulator.run import run_cell
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # recorded in the result instead
-        return cell_dir, run_cell(config_dict, cell_dir, cache_dir, threads, progress=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # recorded in the result instead
+            run_cell(config_dict, cell_dir, cache_dir, threads, progress=False)
+    except Exception as exc:  # noqa: BLE001  (reported per cell, the card goes on)
+        os.makedirs(cell_dir, exist_ok=True)
+        record = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        with open(os.path.join(cell_dir, FAILED), "w") as handle:
+            json.dump(record, handle, indent=1)
+        return cell_dir, record["error"]
+    failed = os.path.join(cell_dir, FAILED)
+    if os.path.exists(failed):
+        os.remove(failed)
+    return cell_dir, None
 
 
 def run_card(
@@ -295,6 +312,7 @@ def run_card(
         for k, c in todo.items()
     ]
     start = time.perf_counter()
+    failures: List[Tuple[str, str]] = []
     bar = tqdm(total=len(jobs), desc=card.name, disable=not progress, unit="cell")
     if use_ray:
         import ray
@@ -305,7 +323,7 @@ def run_card(
         pending = [remote.remote(job) for job in jobs]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready[0])
+            _note(ray.get(ready[0]), failures)
             bar.update(1)
     elif workers > 1:
         import multiprocessing
@@ -316,18 +334,28 @@ def run_card(
             # FedAvg* cells come first: they also build the shared pretrained models.
             futures = [pool.submit(_run_one, job) for job in jobs]
             for future in as_completed(futures):
-                future.result()
+                _note(future.result(), failures)
                 bar.update(1)
     else:
         for job in jobs:
-            _run_one(job)
+            _note(_run_one(job), failures)
             bar.update(1)
     bar.close()
+    if failures:
+        print(f"{len(failures)} cells failed (see failed.json in each):", file=sys.stderr)
+        for cell_dir, error in failures[:10]:
+            print(f"  {os.path.basename(cell_dir)}: {error}", file=sys.stderr)
     summary = summarize(card, out, overrides)
     summary["elapsed_minutes_this_call"] = (time.perf_counter() - start) / 60
     summary["cells_run_this_call"] = len(jobs)
     write_outputs(card, out, summary)
     return summary
+
+
+def _note(outcome: Tuple[str, Optional[str]], failures: List[Tuple[str, str]]) -> None:
+    cell_dir, error = outcome
+    if error is not None:
+        failures.append((cell_dir, error))
 
 
 # ---------------------------------------------------------------------------------- summaries
@@ -438,7 +466,13 @@ def summarize(card: Scorecard, out: str, overrides=None) -> Dict[str, Any]:
         entry["passes"] = _passes(entry)
         entries.append(entry)
     expected = len({(c.setting, c.attack, c.defense) for c in cells})
+    failed = sorted(
+        c.key
+        for c in references + cells
+        if os.path.exists(os.path.join(out, "cells", c.key, FAILED))
+    )
     return {
+        "failed_cells": failed,
         "name": card.name,
         "seeds": card.seeds,
         "entries": entries,
@@ -474,6 +508,10 @@ def markdown(card: Scorecard, summary: Dict[str, Any]) -> str:
     lines = [f"# {card.name}", ""]
     if card.description:
         lines += [card.description.strip(), ""]
+    if summary.get("failed_cells"):
+        failed = summary["failed_cells"]
+        lines += [f"**{len(failed)} cells failed** (their `failed.json` says why): "
+                  + ", ".join(failed[:20]), ""]
     lines += [
         f"Cells finished: {summary['cells_done']} of {summary['cells_total']} "
         f"(seeds {', '.join(map(str, card.seeds))}). Every number is the **worst seed**, the "
