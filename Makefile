@@ -17,7 +17,7 @@ $(VPY):
 
 # Installs the pinned lock without dependency resolution (secretflow's own pins cannot resolve
 # from the index; requirements.lock was resolved once with overrides, see `make lock`).
-$(STAMP): requirements.lock setup.py | $(VPY)
+$(STAMP): requirements.lock pyproject.toml | $(VPY)
 	$(VPY) -m pip --version >/dev/null 2>&1 || $(VPY) -m ensurepip
 	$(VPY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 	$(VPY) -m uv pip install -q --python $(VPY) --no-deps --compile-bytecode -r requirements.lock

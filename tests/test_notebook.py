@@ -3,7 +3,10 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = [pytest.mark.secretflow, pytest.mark.needs_data, pytest.mark.slow]
 
 NOTEBOOK = (
     Path(__file__).resolve().parents[1] / "experiments/notebooks/fed_avg_w_prune_walkthrough.ipynb"
