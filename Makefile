@@ -37,7 +37,7 @@ bench: setup
 lock: | $(VPY)
 	$(VPY) -m pip install -q uv==$(UV_VERSION)
 	$(VPY) -m uv pip compile requirements.in --override overrides.txt --python-version 3.11 \
-		--prerelease allow -o requirements.lock
+		--prerelease if-necessary-or-explicit -o requirements.lock
 
 clean:
 	rm -rf $(VENV) build *.egg-info
