@@ -287,6 +287,8 @@ def test_enable_attack_refuses_what_one_client_cannot_do(sf_clients):
         enable_attack(fl, "dave", "sign_flip", scal=2.0)
 
 
+@pytest.mark.needs_data
+@pytest.mark.slow
 def test_every_single_client_attack_runs_inside_a_client_and_can_be_switched_off(
     sf_clients, four_client_data
 ):
