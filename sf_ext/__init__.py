@@ -16,7 +16,7 @@ import sys
 import warnings
 from importlib import metadata
 
-from sf_ext import inspect, threads  # noqa: F401  (light: neither imports SecretFlow or torch)
+from sf_ext import threads  # noqa: F401  (light: imports neither SecretFlow nor torch)
 from sf_ext.threads import apply_default_threads, set_threads
 
 __version__ = "0.1.0"

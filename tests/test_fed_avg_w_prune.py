@@ -31,8 +31,6 @@ from sf_ext.strategies import UnknownParameterWarning, kept_fraction, prune_epoc
 
 pytestmark = pytest.mark.secretflow
 
-pytestmark = pytest.mark.secretflow
-
 PRUNE_PERCENT, PRUNE_END_RATE, EPOCHS = 20, 0.5, 3
 
 

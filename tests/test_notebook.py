@@ -63,7 +63,9 @@ def test_walkthrough_notebook_executes_and_matches_the_committed_run(tmp_path):
     assert text.startswith("SecretFlow 1.11.0b1 | torch threads: (1, '")
     assert "\nfashion-mnist {'alice': (4800, 1, 28, 28), 'bob': (7200, 1, 28, 28)}\n" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot rendered
-    assert "kept after one epoch: {'alice': 0.7, 'bob': 0.7}" in text  # sf_ext.inspect
+    assert (
+        "kept after one epoch: {'alice': 0.7, 'bob': 0.7}" in text
+    )  # sf_ext.strategies.kept_fraction
     # The pruning schedule is exact, so the committed table must be the one this run printed.
     assert kept_table(text) == kept_table(stream_text(committed))
     assert kept_table(text)[-1] == ("3", "0.343", "0.343", "0.343")

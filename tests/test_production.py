@@ -14,8 +14,6 @@ import pytest
 
 from sf_ext.production import PartiesFailed, reserve_ports, run_parties
 
-pytestmark = [pytest.mark.secretflow, pytest.mark.needs_data, pytest.mark.slow]
-
 PARTY_PROGRAM = Path(__file__).with_name("production_party.py")
 PARTIES = ["alice", "bob", "charlie"]
 
