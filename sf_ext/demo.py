@@ -27,7 +27,11 @@ def parse_args(argv=None):
         prog="python -m sf_ext.demo", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
-    parser.add_argument("--data-root", default=None, help="data folder (default: $SF_EXT_DATA)")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="data folder (default: $SF_EXT_DATA, ../shared/data, /usr/share/datasets)",
+    )
     parser.add_argument(
         "--dataset", default="fashion-mnist", help="dataset; falls back to digits if absent"
     )
@@ -51,21 +55,17 @@ def parse_args(argv=None):
 
 
 def _load_parties_data(args, alice, bob):
-    from sf_ext.data import DatasetNotFoundError, dataset_spec, federated_dataset
+    from sf_ext.data import dataset_spec, federated_dataset, resolve_dataset
 
-    name = args.dataset
-    try:
-        data = federated_dataset(
-            name,
-            {alice: 0.4, bob: 0.6},
-            root=args.data_root,
-            seed=args.seed,
-            limit=args.limit or None,
-        )
-    except DatasetNotFoundError as missing:
-        print(f"[demo] {missing}\n[demo] falling back to scikit-learn's digits", file=sys.stderr)
-        name = "digits"
-        data = federated_dataset(name, {alice: 0.4, bob: 0.6}, seed=args.seed)
+    # Falls back to scikit-learn's digits when the files are missing, and says so loudly.
+    name = resolve_dataset(args.dataset, root=args.data_root, fallback="digits")
+    data = federated_dataset(
+        name,
+        {alice: 0.4, bob: 0.6},
+        root=args.data_root,
+        seed=args.seed,
+        limit=args.limit or None,
+    )
     return name, dataset_spec(name), data
 
 

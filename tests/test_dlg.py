@@ -217,6 +217,7 @@ def test_mean_std_and_aggregation_over_seeds():
 
 
 # --- CLI ---------------------------------------------------------------------------------------
+@pytest.mark.needs_data
 def test_cli_attack_writes_csv_and_figures(tmp_path, fashion_mnist_root, capsys):
     from sf_ext.dlg.cli import main
 
@@ -233,6 +234,8 @@ def test_cli_attack_writes_csv_and_figures(tmp_path, fashion_mnist_root, capsys)
 
 
 # --- capture from a real SecretFlow run --------------------------------------------------------
+@pytest.mark.secretflow
+@pytest.mark.needs_data
 def test_capture_from_fed_avg_w_prune_loads_back_and_reproduces_the_gradient(
     tmp_path, fashion_mnist_root
 ):

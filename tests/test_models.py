@@ -155,6 +155,7 @@ def torch_api():
     return sf_torch
 
 
+@pytest.mark.secretflow
 def test_as_secretflow_module_trains_and_round_trips(torch_api):
     from torchmetrics import Accuracy
 
@@ -199,6 +200,7 @@ def test_as_secretflow_module_trains_and_round_trips(torch_api):
         np.testing.assert_array_equal(restored, original)
 
 
+@pytest.mark.secretflow
 def test_as_secretflow_module_pickles(torch_api):
     import cloudpickle
 

@@ -18,6 +18,8 @@ from sf_ext.data import federated_dataset
 from sf_ext.models import LeNet
 from sf_ext.training import build_torch_model
 
+pytestmark = pytest.mark.secretflow
+
 
 @pytest.fixture(scope="module")
 def four_client_data(sf_clients, fashion_mnist_root):
@@ -61,6 +63,8 @@ def secure_baseline(sf_clients, four_client_data):
     return _fit(SecureAggregator(server, clients), clients, server, four_client_data)
 
 
+@pytest.mark.needs_data
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make_aggregator",
     [
@@ -247,6 +251,8 @@ def test_adapters_reject_misspelled_options(sf_clients):
         RobustAggregator(server, clients, method="flme")
 
 
+@pytest.mark.needs_data
+@pytest.mark.slow
 def test_attacking_party_breaks_fedavg_but_not_flame(sf_clients, four_client_data):
     """dave uploads -4x his honest update every round (the paper's sign flip)."""
     clients, server = sf_clients
@@ -281,6 +287,8 @@ def test_enable_attack_refuses_what_one_client_cannot_do(sf_clients):
         enable_attack(fl, "dave", "sign_flip", scal=2.0)
 
 
+@pytest.mark.needs_data
+@pytest.mark.slow
 def test_every_single_client_attack_runs_inside_a_client_and_can_be_switched_off(
     sf_clients, four_client_data
 ):

@@ -25,6 +25,7 @@ re-derivation with ``hdbscan.HDBSCAN(metric="cosine", algorithm="generic")`` on 
 including identical rows and tied distances.
 
 Deliberate departures, each stated here:
+
 - Nobody admitted (HDBSCAN labels every point noise) gives a zero update: the global model stays.
   FLPoison would produce NaN, BackFed would keep everyone, SecretFlow returns the median model.
 - NaN/inf updates are screened before clustering (the references would crash or propagate NaN).

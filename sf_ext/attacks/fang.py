@@ -53,10 +53,12 @@ def _krum_choice(rows: torch.Tensor, f: int) -> int:
 
 
 def krum_lambda_bound(benign: torch.Tensor, n_clients: int, n_attackers: int) -> float:
-    """Fang et al.'s upper bound on lambda (update space, ``w_Re = 0``)::
+    """Fang et al.'s upper bound on lambda (update space, ``w_Re = 0``).
 
-    1 / ((m - 2c - 1) sqrt(d)) * min_i sum_{l in nearest m - c - 2} |u_l - u_i|
-        + 1 / sqrt(d) * max_i |u_i|
+    With m clients, c attackers and d parameters::
+
+        1 / ((m - 2c - 1) sqrt(d)) * min_i sum_{l in nearest m - c - 2} |u_l - u_i|
+            + 1 / sqrt(d) * max_i |u_i|
     """
     m, c = n_clients, n_attackers
     d = benign.shape[1]

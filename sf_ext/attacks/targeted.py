@@ -122,7 +122,7 @@ def pgd(input_shape=(1, 28, 28), **overrides) -> BackdoorBehaviour:
 
 
 def pgd_mr(input_shape=(1, 28, 28), **overrides) -> BackdoorBehaviour:
-    """PGD edge-case backdoor with model replacement (scale by |D|/|D_i|, then project)."""
+    """PGD edge-case backdoor with model replacement (scale by ``|D| / |D_i|``, then project)."""
     base = BackdoorBehaviour("pgd_mr", model_replacement=True)
     return _preset(base, input_shape, overrides, True)
 
