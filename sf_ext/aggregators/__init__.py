@@ -35,6 +35,7 @@ from sf_ext.aggregators.norm_clipping import norm_clipping
 from sf_ext.aggregators.registry import RuleSpec
 from sf_ext.aggregators.report import AggregationReport, detection_rates
 from sf_ext.aggregators.server import ServerContext
+from sf_ext.aggregators.shield import shield
 from sf_ext.aggregators.sign import rsa_step, sign_aggregate
 from sf_ext.aggregators.signguard import signguard
 
@@ -60,6 +61,7 @@ _LAZY = {
     "SignGuardAggregator": _ROBUST,
     "FoolsGoldAggregator": _ROBUST,
     "FLTrustAggregator": _ROBUST,
+    "ShieldAggregator": _ROBUST,
     "ROBUST_AGGREGATORS": _ROBUST,
 }
 
@@ -90,6 +92,7 @@ __all__ = [
     "norm_clipping",
     "register_aggregator",
     "rsa_step",
+    "shield",
     "sign_aggregate",
     "signguard",
     "trimmed_mean",

@@ -485,6 +485,13 @@ class FoolsGoldAggregator(RobustAggregator):
     method = "foolsgold"
 
 
+class ShieldAggregator(RobustAggregator):
+    """Shield, sf-ext's own rule: median-norm clipping and bound, near-duplicate groups,
+    consensus-direction outliers, then the mean (see :mod:`sf_ext.aggregators.shield`)."""
+
+    method = "shield"
+
+
 class FLTrustAggregator(RobustAggregator):
     """FLTrust: trust-weighted, norm-rescaled mean against the server's own update on a small
     clean root dataset it holds.
@@ -555,5 +562,6 @@ ROBUST_AGGREGATORS = {
         SignGuardAggregator,
         FoolsGoldAggregator,
         FLTrustAggregator,
+        ShieldAggregator,
     )
 }

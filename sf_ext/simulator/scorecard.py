@@ -510,8 +510,11 @@ def markdown(card: Scorecard, summary: Dict[str, Any]) -> str:
         lines += [card.description.strip(), ""]
     if summary.get("failed_cells"):
         failed = summary["failed_cells"]
-        lines += [f"**{len(failed)} cells failed** (their `failed.json` says why): "
-                  + ", ".join(failed[:20]), ""]
+        lines += [
+            f"**{len(failed)} cells failed** (their `failed.json` says why): "
+            + ", ".join(failed[:20]),
+            "",
+        ]
     lines += [
         f"Cells finished: {summary['cells_done']} of {summary['cells_total']} "
         f"(seeds {', '.join(map(str, card.seeds))}). Every number is the **worst seed**, the "
