@@ -749,3 +749,35 @@ def test_mapping_keeps_the_module_buffers_and_mode():
     torch.testing.assert_close(outputs[2].float(), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="layout has"):
         matrix_mapping(updates[:, :-1], model=model, input_shape=(16,))
+
+
+# ---------------------------------------------------------------- option defaults, by value
+
+
+def test_trimmed_mean_default_trims_ten_percent_per_side():
+    gen = torch.Generator().manual_seed(8)
+    updates = torch.randn(20, 50, generator=gen)
+    result, report = aggregate("trimmed_mean", updates)
+    assert report.details["trim"] == 2  # int(0.1 * 20)
+    expected = np.sort(updates.numpy(), axis=0)[2:18].mean(axis=0)
+    np.testing.assert_allclose(result.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_multi_krum_default_m_is_n_minus_f_and_m_is_honoured():
+    gen = torch.Generator().manual_seed(9)
+    updates = torch.randn(11, 30, generator=gen)
+    _, report = aggregate("multi_krum", updates, f=3)
+    assert report.details["m"] == 8 and report.num_kept == 8
+    _, three = aggregate("multi_krum", updates, f=3, m=3)
+    assert three.details["m"] == 3 and three.num_kept == 3
+    # The three kept are the three lowest Krum scores.
+    order = torch.argsort(report.scores)[:3].sort().values.tolist()
+    assert three.kept.nonzero().flatten().tolist() == order
+
+
+def test_rfa_stops_at_max_iter_and_says_it_did_not_converge():
+    rnd = planted_round("sign_flip")
+    _, capped = geometric_median(rnd.updates, max_iter=1, eps=1e-12)
+    assert capped.details["iterations"] == 1 and capped.details["converged"] is False
+    _, full = geometric_median(rnd.updates, eps=1e-12, max_iter=500)
+    assert full.details["iterations"] > 1 and full.details["converged"] is True
