@@ -387,3 +387,51 @@ def test_mask_aware_adapters_average_each_coordinate_over_its_keepers(sf_clients
         expected[keepers.sum(0) <= 0] = 0
         np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
     assert new[1] == 0.0  # pruned by everyone
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+def test_pruning_with_a_robust_aggregator_matches_secure_prune_and_drops_the_attacker(
+    sf_clients, four_client_data
+):
+    """Issue 12: fed_avg_w_prune + a mask-aware robust aggregator trains like
+    SecurePruneAggregator without attack, and drops a sign-flipping pruning client."""
+    from sf_ext.aggregators import SecurePruneAggregator
+    from sf_ext.aggregators.robust_secretflow import ShieldAggregator
+    from sf_ext.strategies import enable_attack
+
+    clients, server = sf_clients
+    (train_x, train_y), test = four_client_data
+
+    def fit(aggregator, attacker=None):
+        fl = FLModel(
+            server=server,
+            device_list=clients,
+            model=build_torch_model(LeNet, lr=3e-3),
+            aggregator=aggregator,
+            strategy="fed_avg_w_prune_attack",
+            backend="torch",
+            random_seed=0,
+            prune_percent=20,
+            prune_end_rate=0.5,
+        )
+        if attacker is not None:
+            enable_attack(fl, "dave", attacker, scale=-4.0)
+        history = fl.fit(
+            train_x, train_y, validation_data=test, epochs=3, batch_size=64, aggregate_freq=4,
+            verbose=0,
+        )
+        return history["global_history"]["val_multiclassaccuracy"][-1]
+
+    secure = fit(SecurePruneAggregator(server, clients))
+    robust = ShieldAggregator(server, clients)
+    clean = fit(robust)
+    assert abs(clean - secure) <= 0.02, (clean, secure)
+    benign_kept = [all(r["kept"][i] for i in range(3)) for r in robust.reports()]
+    print([r["details"].get("dropped_by") for r in robust.reports()])
+    assert sum(benign_kept) >= 0.9 * len(benign_kept)
+    defended = ShieldAggregator(server, clients)
+    attacked = fit(defended, "sign_flip")
+    dave = [r["kept"][r["parties"].index("dave")] for r in defended.reports()]
+    assert sum(dave) <= 0.1 * len(dave)
+    assert attacked >= secure - 0.03, (attacked, secure)

@@ -17,18 +17,21 @@ updates (no copy of the update matrix, one pass over it for the Gram and one for
 1. **Norm**: drop updates longer than ``norm_bound`` (3) times the median norm (SignGuard's
    bound), and **clip** every other one to the median norm (as FLAME does): no row outweighs
    another.
-2. **Near-duplicates**: drop every member of a group of near-identical updates (pairwise cosine
-   above ``duplicate_cosine``, 0.9): honest clients train on different data and never agree
-   closely (at most 0.77 in the scorecard's settings, IID included), while colluding attackers
-   who compute one optimal vector (IPM, LIE, min-max, Fang's attacks, the adaptive attack) or
-   train on one poisoned set (edge-case and PGD backdoors) sat at 0.96 to 1 (FoolsGold's sybil
-   signal, here without history). A user whose honest clients hold near-identical data should
-   raise the threshold; ``details["max_pairwise_cosine_kept"]`` shows the margin every round.
+2. **Near-duplicates**: drop every member of a group of near-identical updates: a pairwise
+   cosine above ``duplicate_cosine`` (0.9) *and* above ``typical + 0.8 (1 - typical)``, where
+   ``typical`` is the round's median pairwise cosine. Honest clients train on different data and
+   rarely agree closely (at most 0.77 in the scorecard's settings; but early rounds of IID
+   training with large client datasets can put every honest pair above 0.9, which the relative
+   part absorbs), while colluding attackers who compute one optimal vector (IPM, LIE, min-max,
+   Fang's attacks, the adaptive attack) or train on one poisoned set (edge-case and PGD
+   backdoors) sat at 0.96 to 1 (FoolsGold's sybil signal, here without history).
+   ``details["max_pairwise_cosine_kept"]`` and ``details["duplicate_threshold"]`` show the margin
+   every round.
 3. **Direction outliers**: the consensus direction is the geometric median of the clipped
    updates that passed checks 1 and 2 (so a tight attacker group cannot become the consensus;
    smoothed Weiszfeld, robust while attackers are a minority); drop clients whose cosine to it
-   lies more than ``direction_z`` (3) robust standard deviations (1.4826 MAD) below the median
-   cosine. No absolute cosine threshold by default: with non-IID data honest updates often point
+   lies more than ``direction_z`` (3) robust standard deviations (1.4826 MAD, at least 0.05)
+   below the median cosine; skipped with fewer than 5 candidates (no robust spread). No absolute cosine threshold by default: with non-IID data honest updates often point
    away from the consensus after the first rounds (``min_cosine`` opts in).
 4. **Fallback that never keeps everyone by default**: if the checks drop more than half of the
    clients, keep the ``n // 2 + 1`` clients closest in direction to the consensus among those
@@ -67,6 +70,9 @@ from sf_ext.aggregators._validate import (
 from sf_ext.aggregators.report import AggregationReport
 
 MAD_SCALE = 1.4826  # MAD of a normal sample, in standard deviations
+MIN_SPREAD = 0.05  # floor of the robust spread of the cosines (tiny MADs flag noise)
+MIN_DIRECTION_CLIENTS = 5
+TIGHTNESS = 0.8  # a near-duplicate pair closes 80 % of the gap from a typical pair to 1
 
 
 def _geometric_median_weights(gram: torch.Tensor, iterations: int = 100, nu: float = 1e-8):
@@ -154,8 +160,13 @@ def shield(
 
     unit = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms))
     pairwise = unit[:, None] * sub * unit[None, :]
+    off = ~torch.eye(n, dtype=torch.bool)
+    typical = float(pairwise[off].median()) if n > 1 else 0.0
+    # Near-duplicate: closer than the floor, and far closer than this round's typical pair
+    # (early rounds of IID training can make every honest pair similar).
+    duplicate_threshold = max(float(duplicate_cosine), typical + (1.0 - typical) * TIGHTNESS)
     pairwise.fill_diagonal_(-2.0)
-    duplicate = (pairwise > float(duplicate_cosine)).any(dim=1)
+    duplicate = (pairwise > duplicate_threshold).any(dim=1)
 
     # The consensus is taken over the clients that passed the first two checks, so that a tight
     # group of coordinated attackers cannot become the consensus themselves.
@@ -173,8 +184,11 @@ def shield(
     cosine = torch.where(denom > 0, toward / denom.clamp(min=1e-300), torch.zeros_like(toward))
 
     center = float(cosine[index].median())
-    mad = float((cosine[index] - center).abs().median()) * MAD_SCALE
-    low = center - float(direction_z) * mad if mad > 0 else -math.inf
+    spread = max(float((cosine[index] - center).abs().median()) * MAD_SCALE, MIN_SPREAD)
+    # A robust spread needs a few clients: with fewer than MIN_DIRECTION_CLIENTS the direction
+    # check is skipped rather than run on noise.
+    enough = index.numel() >= MIN_DIRECTION_CLIENTS
+    low = center - float(direction_z) * spread if enough else -math.inf
     off_direction = (cosine < float(min_cosine)) | (cosine < low)
     keep = ~(off_direction | duplicate | oversized)
     used_fallback = False
@@ -211,6 +225,8 @@ def shield(
         cosine=scatter(cosine, usable, num_clients, float("nan")).tolist(),
         cosine_threshold=max(low, float(min_cosine)),
         duplicate=scatter(duplicate.double(), usable, num_clients, 0.0).bool().tolist(),
+        duplicate_threshold=duplicate_threshold,
+        typical_pairwise_cosine=typical,
         dropped_by={int(usable[i]): r for i, r in enumerate(reasons) if r},
         fallback=used_fallback,
         kept_fraction=int(keep.sum()) / n,

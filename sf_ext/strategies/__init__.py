@@ -14,7 +14,7 @@ Reading a trained model: :func:`kept_fraction`, :func:`prune_masks`, :func:`prun
 
 from secretflow_fl.ml.nn.fl.strategy_dispatcher import _strategy_dispatcher, register_strategy
 
-from sf_ext.strategies.fed_avg_w_attack import FedAvgWAttack, enable_attack
+from sf_ext.strategies.fed_avg_w_attack import FedAvgWAttack, FedAvgWPruneAttack, enable_attack
 from sf_ext.strategies.fed_avg_w_prune import (
     FedAvgWPrune,
     UnknownParameterWarning,
@@ -30,6 +30,7 @@ from sf_ext.strategies.fed_avg_w_prune import (
 __all__ = [
     "FedAvgWAttack",
     "FedAvgWPrune",
+    "FedAvgWPruneAttack",
     "PARAMETER_CHECKS",
     "STRATEGIES",
     "UnknownParameterWarning",
@@ -48,11 +49,17 @@ __all__ = [
 STRATEGIES = {
     "fed_avg_w_prune": ("torch", FedAvgWPrune),
     "fed_avg_w_attack": ("torch", FedAvgWAttack),
+    "fed_avg_w_prune_attack": ("torch", FedAvgWPruneAttack),
 }
 
 #: ``"<strategy>_<backend>"`` -> function called with the strategy's keyword arguments when
 #: ``FLModel`` builds a client of that strategy (raises on bad values, warns on misspellings).
-PARAMETER_CHECKS = {"fed_avg_w_prune_torch": check_parameters}
+PARAMETER_CHECKS = {
+    "fed_avg_w_prune_torch": check_parameters,
+    "fed_avg_w_prune_attack_torch": check_parameters,
+}
+#: Strategies whose uploads carry pruning masks: their aggregator must be mask-aware.
+PRUNING_STRATEGIES = ("fed_avg_w_prune", "fed_avg_w_prune_attack")
 
 for _name, (_backend, _cls) in STRATEGIES.items():
     if f"{_name}_{_backend}" not in _strategy_dispatcher._ops:
@@ -76,7 +83,7 @@ def install_parameter_checks(dispatcher=_strategy_dispatcher) -> None:
         check = PARAMETER_CHECKS.get(f"{name}_{backend}")
         if check is not None:
             check(**kwargs)
-            if name == "fed_avg_w_prune":
+            if name in PRUNING_STRATEGIES:
                 found, aggregator = _calling_flmodel_aggregator()
                 if found:
                     check_aggregator(aggregator, kwargs.get("allow_unmasked_average", False))

@@ -22,6 +22,7 @@ import torch
 from secretflow_fl.ml.nn.fl.backend.torch.strategy.fed_avg_w import FedAvgW
 
 from sf_ext.params import ParamLayout
+from sf_ext.strategies.fed_avg_w_prune import FedAvgWPrune
 
 
 def single_client_attacks() -> Tuple[str, ...]:
@@ -48,11 +49,16 @@ def _check_attack(name: str, options: dict) -> None:
         raise ValueError(f"unknown options {unknown} for attack {name!r}; known: {known}")
 
 
-class FedAvgWAttack(FedAvgW):
-    """FedAvg-on-weights client that can be switched to a Byzantine upload."""
+class AttackMixin:
+    """Turns a FedAvg-on-weights client into one that can be switched to a Byzantine upload.
 
-    def __init__(self, builder_base, random_seed=None, skip_bn=False, **kwargs):
-        super().__init__(builder_base, random_seed=random_seed, skip_bn=skip_bn, **kwargs)
+    The client trains honestly; when told to attack it measures its update against the global
+    weights it last received, replaces it with the registered attack's output and uploads
+    ``global + attacked update``. Under pruning (an upload carrying masks) the result is masked
+    again with the client's own mask, so the attacker still looks like a pruning client.
+    """
+
+    def _init_attack(self, random_seed) -> None:
         self._attack: Optional[Tuple[str, dict]] = None
         self._received: Optional[torch.Tensor] = None
         self._generator = torch.Generator().manual_seed(0 if random_seed is None else random_seed)
@@ -69,7 +75,7 @@ class FedAvgWAttack(FedAvgW):
     def set_weights(self, weights):
         super().set_weights(weights)
         # What the server sent: the reference an update is measured against.
-        self._received = self._layout().flatten(weights)
+        self._received = self._layout().flatten(list(weights))
 
     def train_step(
         self, weights, cur_steps: int, train_steps: int, **kwargs
@@ -83,17 +89,41 @@ class FedAvgWAttack(FedAvgW):
         from sf_ext.attacks.registry import AttackContext, run_update_attack
 
         name, options = self._attack
-        layout = ParamLayout.from_arrays(honest)
-        update = (layout.flatten(honest) - self._received).unsqueeze(0)
+        layout = ParamLayout.from_arrays(list(honest))
+        update = (layout.flatten(list(honest)) - self._received).unsqueeze(0)
         # What one client knows: the global model it received and its own random stream.
         context = AttackContext(global_params=self._received, generator=self._generator)
         attacked, _ = run_update_attack(name, update, [True], context, **options)
-        return layout.unflatten_numpy(self._received + attacked[0]), num_sample
+        weights_out = layout.unflatten_numpy(self._received + attacked[0])
+        masks = getattr(honest, "masks", None)
+        if masks is None:
+            return weights_out, num_sample
+        from sf_ext.pruning import MaskedWeights
+
+        remasked = [w if m is None else w * m for w, m in zip(weights_out, masks)]
+        return MaskedWeights(remasked, masks), num_sample
+
+
+class FedAvgWAttack(AttackMixin, FedAvgW):
+    """FedAvg-on-weights client that can be switched to a Byzantine upload."""
+
+    def __init__(self, builder_base, random_seed=None, skip_bn=False, **kwargs):
+        super().__init__(builder_base, random_seed=random_seed, skip_bn=skip_bn, **kwargs)
+        self._init_attack(random_seed)
+
+
+class FedAvgWPruneAttack(AttackMixin, FedAvgWPrune):
+    """``fed_avg_w_prune`` client that can be switched to a Byzantine upload (its attacked
+    weights are masked again with its own pruning mask): robust aggregation under pruning."""
+
+    def __init__(self, builder_base, random_seed=None, skip_bn=False, **kwargs):
+        super().__init__(builder_base, random_seed=random_seed, skip_bn=skip_bn, **kwargs)
+        self._init_attack(random_seed)
 
 
 def enable_attack(fl_model, party: str, name: str, **options) -> None:
-    """Switch the client ``party`` of an ``FLModel(strategy="fed_avg_w_attack")`` to attack
-    (``name=None`` switches it back to honest)."""
+    """Switch the client ``party`` of an ``FLModel(strategy="fed_avg_w_attack")`` (or
+    ``"fed_avg_w_prune_attack"``) to attack (``name=None`` switches it back to honest)."""
     import secretflow as sf
 
     if name is not None:
