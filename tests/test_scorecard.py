@@ -204,3 +204,23 @@ def test_a_failing_cell_is_reported_and_the_card_goes_on(tmp_path):
     failure = json.loads((out / "cells" / summary["failed_cells"][0] / "failed.json").read_text())
     assert "min_size" in failure["error"]
     assert "cells failed" in (out / "scorecard.md").read_text()
+
+
+def test_priority_defenses_run_first(tmp_path, monkeypatch):
+    spec = json.loads(open(_card(tmp_path)).read())
+    spec["priority"] = ["multi_krum"]
+    (tmp_path / "prio.json").write_text(json.dumps(spec))
+    card = load_card(str(tmp_path / "prio.json"))
+    order = []
+    from sf_ext.simulator import scorecard
+
+    monkeypatch.setattr(scorecard, "_run_one", lambda job: order.append(job[1]) or (job[1], None))
+    run_card(card, str(tmp_path / "out"), progress=False)
+    names = [o.split("/")[-1] for o in order]
+    krum = [i for i, n in enumerate(names) if "-multi-krum-" in n]
+    plain = [i for i, n in enumerate(names) if "-fedavg-" in n and "-none-" not in n]
+    assert krum and plain and max(krum) < min(plain)
+    spec["priority"] = ["flame"]
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="unknown defense keys in 'priority'"):
+        load_card(str(tmp_path / "bad.json"))

@@ -59,6 +59,7 @@ _CARD_SECTIONS = (
     "defenses",
     "attacks",
     "notes",
+    "priority",
 )
 UNTARGETED_LIMIT = -3.0  # points of accuracy below FedAvg*
 BACKDOOR_LIMIT = 0.05
@@ -95,6 +96,7 @@ class Scorecard:
     attacks: List[Dict[str, Any]]
     description: str = ""
     notes: List[str] = field(default_factory=list)
+    priority: List[str] = field(default_factory=list)
 
     def defense(self, key: str) -> Dict[str, Any]:
         return next(d for d in self.defenses if d["key"] == key)
@@ -244,7 +246,11 @@ def load_card(path: str) -> Scorecard:
         attacks=list(spec["attacks"]),
         description=str(spec.get("description", "")),
         notes=list(spec.get("notes", [])),
+        priority=list(spec.get("priority", [])),
     )
+    unknown = [p for p in card.priority if p not in [d["key"] for d in card.defenses]]
+    if unknown:
+        raise ValueError(f"{path}: unknown defense keys in 'priority': {unknown}")
     card.cells()  # validates every cell's settings by name and type
     return card
 
@@ -301,6 +307,10 @@ def run_card(
     references, cells = card.cells(overrides)
     wanted = [part for part in (only or "").split(",") if part]
     todo: Dict[str, ScoreCell] = {}
+    # FedAvg* first (they build the shared pretrained models), then the priority defenses (all
+    # settings and seeds), then the rest: an interrupted card has its key comparisons complete.
+    rank = {key: i for i, key in enumerate(card.priority)}
+    cells = sorted(cells, key=lambda c: rank.get(c.defense, len(rank)))
     for cell in references + cells:
         if not wanted or any(w in cell.key for w in wanted):
             todo.setdefault(cell.key, cell)
