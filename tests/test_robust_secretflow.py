@@ -418,7 +418,12 @@ def test_pruning_with_a_robust_aggregator_matches_secure_prune_and_drops_the_att
         if attacker is not None:
             enable_attack(fl, "dave", attacker, scale=-4.0)
         history = fl.fit(
-            train_x, train_y, validation_data=test, epochs=3, batch_size=64, aggregate_freq=4,
+            train_x,
+            train_y,
+            validation_data=test,
+            epochs=3,
+            batch_size=64,
+            aggregate_freq=4,
             verbose=0,
         )
         return history["global_history"]["val_multiclassaccuracy"][-1]

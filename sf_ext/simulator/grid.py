@@ -27,7 +27,7 @@ from typing import Any, Dict, List
 
 from sf_ext.simulator.config import SimulationConfig
 
-__all__ = ["Cell", "ExperimentGrid", "load_grid"]
+__all__ = ["Cell", "ExperimentGrid", "load_grid", "merge_settings"]
 
 _MERGED = ("aggregator_options", "attack_options", "model_options", "backdoor")
 _META = ("label", "clean")
@@ -68,7 +68,7 @@ class ExperimentGrid:
         out = []
         for r, row in enumerate(self.rows):
             for c, column in enumerate(self.columns):
-                settings = _merge(self.base, row, column, overrides or {})
+                settings = merge_settings(self.base, row, column, overrides or {}, skip=_META)
                 if row.get("clean") or column.get("clean"):
                     settings.update(attack=None, attacker_fraction=0.0, attack_options={})
                 row_label = str(row.get("label", f"row {r}"))
@@ -81,11 +81,14 @@ class ExperimentGrid:
         return out
 
 
-def _merge(*layers: Dict[str, Any]) -> Dict[str, Any]:
+def merge_settings(*layers: Dict[str, Any], skip=()) -> Dict[str, Any]:
+    """Layers of simulation settings, later ones winning; dict settings (``aggregator_options``,
+    ``attack_options``, ``model_options``, ``backdoor``) are merged key by key. Keys in ``skip``
+    (labels and other metadata) are left out."""
     out: Dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if key in _META:
+            if key in skip:
                 continue
             if key in _MERGED and isinstance(value, dict) and isinstance(out.get(key), dict):
                 merged = dict(out[key])

@@ -37,7 +37,6 @@ issue sets for a defense: worst ``d_final >= -3`` on every untargeted and adapti
 """
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -47,6 +46,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from sf_ext.simulator.grid import merge_settings
 
 __all__ = ["Scorecard", "ScoreCell", "load_card", "run_card", "summarize", "main"]
 
@@ -128,13 +129,13 @@ class Scorecard:
             )
             attacks = _selection(setting.get("attacks"), [a["key"] for a in self.attacks], "attack")
             for seed in setting.get("seeds", self.seeds):
-                base = _merge(
+                base = merge_settings(
                     self.base, setting.get("set", {}), {"seed": int(seed)}, overrides or {}
                 )
 
                 def build(extra, label):
                     try:
-                        return SimulationConfig.from_dict(_merge(base, extra))
+                        return SimulationConfig.from_dict(merge_settings(base, extra))
                     except ValueError as exc:
                         raise ValueError(f"{self.name}, {setting['key']}, {label}: {exc}") from None
 
@@ -161,7 +162,9 @@ class Scorecard:
                         attack = {"attack": None, "attacker_fraction": 0.0, "attack_options": {}}
                     for defense_key in defenses:
                         defense = _strip(self.defense(defense_key))
-                        config = build(_merge(attack, defense), f"{attack_key} x {defense_key}")
+                        config = build(
+                            merge_settings(attack, defense), f"{attack_key} x {defense_key}"
+                        )
                         cells.append(
                             ScoreCell(
                                 setting["key"],
@@ -186,22 +189,6 @@ def _selection(wanted, known: List[str], what: str) -> List[str]:
     if unknown:
         raise ValueError(f"unknown {what} keys {unknown}; the card defines {known}")
     return list(wanted)
-
-
-_MERGED = ("aggregator_options", "attack_options", "model_options", "backdoor")
-
-
-def _merge(*layers: Dict[str, Any]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if key in _MERGED and isinstance(value, dict) and isinstance(out.get(key), dict):
-                merged = dict(out[key])
-                merged.update(copy.deepcopy(value))
-                out[key] = merged
-            else:
-                out[key] = copy.deepcopy(value)
-    return out
 
 
 def load_card(path: str) -> Scorecard:

@@ -472,5 +472,3 @@ def prune_masks(fl_model, device) -> Dict[str, np.ndarray]:
 def prune_epochs(fl_model, device=None) -> Union[int, Dict[str, int]]:
     """How many end-of-epoch pruning steps a client (or each client) has taken."""
     return _per_client(fl_model, device, "get_prune_epochs")
-
-
