@@ -16,7 +16,11 @@ rounds; the report gives, per round:
 * whether both chose the same kept set.
 
 The starting model is the server's own (``initial="server"``): the one-time median of the clients'
-initial weights (a sorting network over the client axis) is not part of a round.
+initial weights (a sorting network over the client axis) is not part of a round. Each case runs in
+its own process (a fresh Ray instance, so nothing accumulates between cases); the table also
+gives the peak resident memory of the largest SPU party. Cases whose SPU state would exceed
+``--max-elements`` (n * d) are skipped and listed, so that a shared machine is not driven out of
+memory (n = 20, d = 1M needs roughly 3.5 GB per SPU party).
 
 Usage:
     python benchmarks/bench_secure_flame.py                      # n 4 10 20 x d 62k 1M
@@ -29,6 +33,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,6 +104,24 @@ def _share_bytes(conf, world_size: int, d: int, public: bool) -> List[int]:
     return [
         sum(len(c) for c in chunks[i * per_party : (i + 1) * per_party]) for i in range(world_size)
     ]
+
+
+def _spu_peak_rss() -> int:
+    """Largest peak resident set (bytes) among this process's SPU runtime actors."""
+    import psutil
+
+    peak = 0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "SPURuntime" not in " ".join(proc.cmdline()):
+                continue
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except (psutil.Error, OSError):
+            continue
+    return peak
 
 
 def _updates(n: int, d: int, seed: int) -> np.ndarray:
@@ -172,6 +195,7 @@ def run_case(sf, n: int, d: int, protocol: str, rounds: int, log_dir: Path, boun
     return {
         "n": n,
         "d": d,
+        "spu_peak_rss": _spu_peak_rss(),
         "protocol": protocol,
         "input_bound": bound,
         "plain_s": float(np.median(times["plain"])),
@@ -188,8 +212,8 @@ def run_case(sf, n: int, d: int, protocol: str, rounds: int, log_dir: Path, boun
 def _table(rows: List[Dict]) -> str:
     lines = [
         "| n | d | protocol | plain s | secure s | ratio | plain MB | secure MB "
-        "(shares / SPU links / other) | ratio | same kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(shares / SPU links / other) | ratio | same kept | SPU party peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         b = row["secure_bytes"]
@@ -199,9 +223,22 @@ def _table(rows: List[Dict]) -> str:
             f"{row['secure_s']:.1f} | {row['time_ratio']:.0f}x | {row['plain_bytes'] / 1e6:.1f} | "
             f"{row['secure_bytes_total'] / 1e6:.0f} ({b['client_shares'] / 1e6:.0f} / "
             f"{b['spu_links'] / 1e6:.0f} / {other / 1e6:.0f}) | {row['bytes_ratio']:.0f}x | "
-            f"{'yes' if row['same_kept'] else 'NO'} |"
+            f"{'yes' if row['same_kept'] else 'NO'} | {row['spu_peak_rss'] / 2**30:.1f} |"
         )
     return "\n".join(lines)
+
+
+def _run_one(args, n: int, d: int, bound) -> Dict:
+    """One case in this process: its own Ray instance, shut down at the end."""
+    import secretflow as sf
+
+    parties = [f"c{i:02d}" for i in range(n)] + [SERVER] + HELPERS
+    with tempfile.TemporaryDirectory() as logs:
+        sf.init(parties, address="local", num_cpus=32, log_to_driver=False)
+        try:
+            return run_case(sf, n, d, args.protocol, args.rounds, Path(logs), bound)
+        finally:
+            sf.shutdown()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -216,8 +253,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--input-bound", type=float, default=100.0, help="clamp in SPU; 0 turns it off"
     )
+    parser.add_argument(
+        "--max-elements", type=int, default=12_000_000, help="skip cases with n * d above this"
+    )
     parser.add_argument("--quick", action="store_true", help="n 4, d 10000: a smoke run")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--case", type=int, nargs=2, help=argparse.SUPPRESS)  # n d, internal
+    parser.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.d = [4], [10_000]
@@ -229,22 +271,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     logging.getLogger().setLevel(logging.WARNING)
+    if args.case is not None:
+        row = _run_one(args, args.case[0], args.case[1], bound)
+        args.case_out.write_text(json.dumps(row))
+        return 0
 
-    import secretflow as sf
-
-    parties = [f"c{i:02d}" for i in range(max(args.n))] + [SERVER] + HELPERS
-    rows = []
-    with tempfile.TemporaryDirectory() as logs:
-        sf.init(parties, address="local", num_cpus=32, log_to_driver=False)
-        try:
-            cases = [(n, d) for d in args.d for n in args.n]
-            for n, d in tqdm(cases, desc="cases", file=sys.stderr):
-                rows.append(run_case(sf, n, d, args.protocol, args.rounds, Path(logs), bound))
-        finally:
-            sf.shutdown()
+    rows, skipped = [], []
+    cases = [(n, d) for d in args.d for n in args.n]
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, d in tqdm(cases, desc="cases", file=sys.stderr):
+            if n * d > args.max_elements:
+                skipped.append((n, d))
+                continue
+            out = Path(tmp) / f"{n}_{d}.json"
+            command = [sys.executable, __file__, "--case", str(n), str(d), "--case-out", str(out)]
+            command += ["--protocol", args.protocol, "--rounds", str(args.rounds)]
+            command += ["--input-bound", str(args.input_bound)]
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            if done.returncode != 0 or not out.exists():
+                tail = done.stdout.decode(errors="replace")[-3000:]
+                print(f"case n={n} d={d} failed ({done.returncode}):\n{tail}", file=sys.stderr)
+                return 1
+            rows.append(json.loads(out.read_text()))
+            print(_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(_table(rows))
+    for n, d in skipped:
+        print(f"skipped n={n} d={d:,}: n * d above --max-elements={args.max_elements:,}")
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2))
     return 0
 
 

@@ -101,6 +101,7 @@ class SecureClippingAggregator(SecureFilterAggregator):
             num_returns_policy=SPUCompilerNumReturnsPolicy.FROM_USER,
             user_specified_num_returns=3,
         )(*shares, global_params=global_spu, bound=self._bound, threshold=self._threshold)
+        shares.clear()  # the uploads' shares are no longer needed: let the SPU parties free them
         details: Dict[str, Any] = {
             "threshold_mode": "median" if self._threshold is None else "fixed",
             "weighted": self._weighted,

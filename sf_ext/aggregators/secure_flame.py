@@ -21,8 +21,9 @@ received it):
    order it adds them (node pairs and edge weights). HDBSCAN's result is a function of exactly this
    list (``hdbscan`` builds its single-linkage tree from it and nothing else), so the server gets
    the same clusters as from the full matrix while learning ``n - 1`` numbers instead of
-   ``n (n - 1) / 2``: which client is nearest to which tree, and at what mutual-reachability
-   distance (a distance raised to the points' nearest-neighbour distances). ``reveal="distances"``
+   ``n (n - 1) / 2``: the order in which Prim's algorithm attaches the clients and the
+   mutual-reachability distance (a cosine distance raised to the two clients' nearest-neighbour
+   distances) at which each is attached. ``reveal="distances"``
    opens the full matrix instead (the plaintext rule's input; useful to audit the clustering).
    With fewer than three clients nothing is clustered and nothing of this is opened.
 4. The server runs HDBSCAN (``min_cluster_size = n // 2 + 1``, ``min_samples = 1``,
@@ -30,8 +31,8 @@ received it):
 5. Inside the SPU: ``sum over kept i of clip_i * u_i / |kept|`` plus the noise party's Gaussian
    draws scaled by ``lambda * S_t`` (``noise="paper"``) or by ``lambda * S_t * std(tensor of the
    new global model)`` (``noise="relative"``, the plaintext default). The noise party is an SPU
-   party other than the server; it secret-shares standard normal draws into the SPU, so neither
-   it nor the server ever holds the un-noised aggregate or the noise. Only the noised aggregate is
+   party other than the server; it secret-shares standard normal draws into the SPU: the server
+   never sees the noise, the noise party never sees the aggregate. Only the noised aggregate is
    opened, to the server, which adds it to ``G``.
 
 What the server learns per round: the Prim edge list (or the distance matrix), ``S_t``, the kept
@@ -41,7 +42,9 @@ un-noised aggregate. The other SPU parties learn ``G`` (public inside the SPU) a
 Sample counts are not used (FLAME averages the kept clients equally) and go nowhere.
 
 Threat model and protocol. The SPU parties must not collude; the guarantee is that of the SPU
-protocol against semi-honest parties (clients may be malicious: that is what the filter is for).
+protocol against semi-honest parties. Clients may be malicious in what they upload (that is what
+the filter is for; crafted ring elements are caught by the clamp); a client that sends different
+SPU parties inconsistent shares is outside this model (SPU does not check input consistency).
 :func:`spu_runtime_config` gives the two sound choices: ``"ABY3"`` (three SPU parties, e.g. the
 server and two helpers; secure while no two of them collude; fast) and ``"CHEETAH"`` (two parties,
 the server and one helper, FLAME's two-server setting; secure against either alone; several times
@@ -52,7 +55,8 @@ clients' models. It is refused when that party is the server, and otherwise only
 always refused.
 
 Precision. The ring is FM128 with 40 fraction bits (:func:`spu_runtime_config`): client weights
-(float32) are encoded exactly, sums and products carry one truncation each (2^-40), and the
+(float32) are encoded to 2^-40 (exactly above 2^-17 in magnitude), sums and products carry one
+truncation each (2^-40), and the
 kernels below avoid the cancellation in ``1 - cos`` between nearly parallel models. The kept sets
 equal the plaintext rule's on the same inputs and the aggregates agree to float32 rounding
 (``tests/test_secure_flame.py``). FM64 (18 fraction bits) is refused: update entries around 1e-3
@@ -68,6 +72,12 @@ server. ``initial="server"`` with a ``model_fn`` makes the server start from its
 Cost: the SPU work is dominated by the clamp (two comparisons per uploaded entry) and the
 ``n x n`` Gram matrix over ``d`` parameters; ``benchmarks/bench_secure_flame.py`` measures it
 against the plaintext rule (``input_bound=None`` drops the clamp and its protection).
+
+Not mask-aware: pruned uploads (``fed_avg_w_prune``) would be averaged with their zeros.
+SecretFlow's SPU writes ``spu.log`` into the working directory unless
+``sf.SPU(..., log_options=...)`` names another place. In Ray simulation every actor holds one
+unit of its party's resource for its lifetime: give ``sf.init`` a ``num_cpus`` well above the
+actors per party (32 works), or the run waits forever.
 """
 
 import logging
@@ -987,6 +997,7 @@ class SecureFlameAggregator(SecureFilterAggregator):
             reveal=mode,
             min_samples=self._min_samples,
         )
+        shares.clear()  # the uploads' shares are no longer needed: let the SPU parties free them
         shares_out = self._server.select(
             opened.to(self._device) if mode != "none" else None,
             median_norm.to(self._device),
