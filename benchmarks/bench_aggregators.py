@@ -9,7 +9,9 @@ seconds and ratios with the targets of issue 4:
 * median / trimmed mean: at most 1.2x ``torch.median`` / ``torch.sort``;
 * NDC, RSA: at most 3x the mean;
 * RFA: per Weiszfeld iteration against the mean (direct solver), and in total (Gram solver);
-* matrix mapping: detection time per client (one forward pass of one input each).
+* matrix mapping: detection time per client (one forward pass of one input each);
+* Bulyan, centered clipping, DnC, SignGuard, FoolsGold, FLTrust: seconds and ratios to the mean and
+  to one Gram matrix (issue 8), no targets.
 
 Peak memory (``--memory``, on by default for the largest case) runs each aggregator in its own
 subprocess and reads the peak resident size (torch allocations are invisible to tracemalloc): the
@@ -33,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from sf_ext.aggregators import AGGREGATORS, map_updates
+from sf_ext.aggregators import ServerContext, call_rule, map_updates
 from sf_ext.params import ParamLayout
 
 METHODS = [
@@ -48,6 +50,13 @@ METHODS = [
     "rsa",
     "flame",
     "matrix_mapping",
+    "xmam",
+    "bulyan",
+    "centered_clipping",
+    "dnc",
+    "signguard",
+    "foolsgold",
+    "fltrust",
 ]
 INPUT_SHAPE = (1, 28, 28)
 
@@ -94,21 +103,36 @@ def update_matrix(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 
 def method_call(name: str, matrix: torch.Tensor) -> Callable[[], object]:
+    """One aggregation as the simulator runs it: the rule through the registry with a full
+    server context (a global model 20x an update's norm, FLTrust's root update, fresh memory)."""
     n, d = matrix.shape
     counts = torch.full((n,), 100.0)
-    if name == "rfa_direct":
-        return lambda: AGGREGATORS["rfa"](matrix, counts, solver="direct")
-    if name == "flame":
-        layout = flat_layout(d)
-        return lambda: AGGREGATORS["flame"](
-            matrix, counts, layout=layout, generator=torch.Generator().manual_seed(0)
+    rule, options = ("rfa", {"solver": "direct"}) if name == "rfa_direct" else (name, {})
+    if name == "centered_clipping":
+        options = {"tau": 0.05}  # about the benign spread of these updates, so clipping bites
+    if name == "bulyan":
+        options = {"f": (n - 3) // 4}
+    model = MappedMLP(d) if name in ("matrix_mapping", "xmam") else None
+    layout = ParamLayout.from_module(model) if model is not None else flat_layout(d)
+    gen = torch.Generator().manual_seed(1)
+    global_params = torch.randn(d, generator=gen) * 0.2
+    root_update = matrix[: n // 2].mean(dim=0) if name == "fltrust" else None
+
+    def call():
+        context = ServerContext(
+            layout=layout,
+            global_params=global_params,
+            model=model,
+            input_shape=INPUT_SHAPE,
+            round_index=0,
+            generator=torch.Generator().manual_seed(0),
+            client_ids=list(range(n)),
+            state={},
+            root_update=root_update,
         )
-    if name == "matrix_mapping":
-        model = MappedMLP(d)
-        return lambda: AGGREGATORS["matrix_mapping"](
-            matrix, counts, model=model, input_shape=INPUT_SHAPE
-        )
-    return lambda: AGGREGATORS[name](matrix, counts)
+        return call_rule(rule, matrix, counts, context, **options)
+
+    return call
 
 
 def best_time(fn: Callable[[], object], repeats: int, budget_s: float = 2.0):
@@ -159,14 +183,14 @@ def run_case(n: int, d: int, methods: List[str], repeats: int) -> List[Dict]:
                 # Each iteration makes two passes; the start and the final sum add about one more.
                 per_iteration = seconds / (iterations + 1.5)
                 row["notes"] += f", {per_iteration / floors['mean']:.2f}x mean per iteration"
-        if name == "flame":
+        if report.selects:
             row["notes"] = f"kept {report.num_kept}/{n}"
-        if name == "matrix_mapping":
+        if name in ("matrix_mapping", "xmam"):
             model = MappedMLP(d)
             detect, _ = best_time(lambda: map_updates(model, matrix, INPUT_SHAPE), repeats)
             per_client_ms = detect / n * 1e3
             versus_mean = detect / floors["mean"]
-            row["notes"] = f"detection {per_client_ms:.2f} ms/client ({versus_mean:.2f}x mean)"
+            row["notes"] += f"; detection {per_client_ms:.2f} ms/client ({versus_mean:.2f}x mean)"
         rows.append(row)
     del matrix
     return rows

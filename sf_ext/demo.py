@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    parser.add_argument("--data-root", default=None, help="data folder (default: $SF_EXT_DATA)")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="data folder (default: $SF_EXT_DATA, ../shared/data, /usr/share/datasets)",
+    )
     parser.add_argument(
         "--dataset", default="fashion-mnist", help="dataset; falls back to digits if absent"
     )
@@ -95,19 +99,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _dataset(args) -> str:
-    from sf_ext.data import DatasetNotFoundError, load_dataset
+    from sf_ext.data import resolve_dataset
 
-    try:
-        load_dataset(args.dataset, args.data_root, split="test")
-        return args.dataset
-    except DatasetNotFoundError as missing:
-        log.warning("%s", missing)
-        print(
-            f"[demo] {args.dataset} is not available here; running on scikit-learn's digits "
-            "instead (8x8 images, an MLP)",
-            file=sys.stderr,
-        )
-        return "digits"
+    # Falls back to scikit-learn's digits when the files are missing, and says so loudly.
+    return resolve_dataset(args.dataset, root=args.data_root, fallback="digits")
 
 
 def _settings(args) -> Dict[str, object]:

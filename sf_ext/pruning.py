@@ -7,26 +7,37 @@ fraction follows a schedule exactly rather than drifting with percentile ties, a
 pruned is never revived.
 """
 
+import numbers
 from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
+from sf_ext._cli import InvalidParameterError
 from sf_ext.params import is_weight_tensor
 
 Masks = Dict[str, torch.Tensor]
 SCOPES = ("layer", "global")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def validate_prune_params(prune_percent: float, prune_end_rate: float) -> None:
-    """Raise ``ValueError`` naming the parameter when a pruning schedule is impossible."""
-    if not isinstance(prune_percent, (int, float)) or not 0 < prune_percent < 100:
-        raise ValueError(
+    """Raise ``InvalidParameterError`` (a ``ValueError``) naming the parameter when a pruning
+    schedule is impossible.
+
+    ``prune_percent`` is the percentage *pruned* per epoch, ``prune_end_rate`` the fraction
+    *kept* at the end.
+    """
+    if not _is_number(prune_percent) or not 0 < prune_percent < 100:
+        raise InvalidParameterError(
             f"prune_percent must be in (0, 100) (percent of alive weights pruned per epoch), "
             f"got {prune_percent!r}"
         )
-    if not isinstance(prune_end_rate, (int, float)) or not 0 < prune_end_rate <= 1:
-        raise ValueError(
+    if not _is_number(prune_end_rate) or not 0 < prune_end_rate <= 1:
+        raise InvalidParameterError(
             f"prune_end_rate must be in (0, 1] (final fraction of weights kept), got {prune_end_rate!r}"
         )
 
@@ -66,14 +77,16 @@ def magnitude_prune(
         New boolean masks (the inputs are not modified).
     """
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
+        raise InvalidParameterError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if not _is_number(keep_fraction) or not 0 < keep_fraction <= 1:
+        raise InvalidParameterError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
     weights = weight_tensors(tensors)
     masks = full_masks(weights) if masks is None else masks
     missing = sorted(set(weights) - set(masks))
     if missing:
         raise KeyError(f"no mask for weight tensors {missing}")
+    for name, weight in weights.items():
+        _check_mask(name, masks[name], weight)
 
     # Pruned entries score -1 so they are never chosen back while alive ones remain.
     scores = {
@@ -94,6 +107,20 @@ def magnitude_prune(
     return out
 
 
+def _check_mask(name: str, mask, tensor: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask for {name!r} must be a boolean tensor, got {_describe(mask)}")
+    if mask.shape != tensor.shape:
+        raise ValueError(
+            f"mask for {name!r} has shape {tuple(mask.shape)}, its tensor {tuple(tensor.shape)}"
+        )
+
+
+def _describe(value) -> str:
+    dtype = getattr(value, "dtype", None)
+    return f"{type(value).__name__}" + (f" of {dtype}" if dtype is not None else "")
+
+
 def _keep_top(scores: torch.Tensor, mask: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     keep = min(int(round(keep_fraction * scores.numel())), int(mask.sum()))
     new = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -109,6 +136,7 @@ def apply_masks(target, masks: Masks) -> None:
         for name, mask in masks.items():
             if name not in tensors:
                 raise KeyError(f"mask for {name!r} has no matching tensor")
+            _check_mask(name, mask, tensors[name])
             tensors[name].mul_(mask.to(device=tensors[name].device, dtype=tensors[name].dtype))
 
 

@@ -1,6 +1,14 @@
-"""Shared test fixtures: where the real datasets live."""
+"""Shared test fixtures (where the real datasets live, SecretFlow parties) and marker checks.
+
+Markers (registered in pyproject.toml, ``--strict-markers``): ``secretflow`` (imports or
+initializes SecretFlow, here or in a child process), ``needs_data`` (reads the Fashion-MNIST files),
+``slow`` (more than about 10 s). ``make test-fast`` runs ``-m "not secretflow and not slow"``.
+The hooks below keep the first two honest: a test that uses the SecretFlow or data fixtures, or
+imports SecretFlow while it runs, without the marker fails with a message saying which to add.
+"""
 
 import os
+import sys
 from pathlib import Path
 
 # One compute thread per process: the suite runs SecretFlow parties as separate processes on a
@@ -59,3 +67,44 @@ def sf_clients(sf_parties):
     import secretflow as sf
 
     return [sf.PYU(p) for p in ("alice", "bob", "carol", "dave")], sf.PYU("charlie")
+
+
+# ---------------------------------------------------------------------------------------------
+# Marker checks
+
+FIXTURE_MARKERS = {
+    "sf_parties": "secretflow",
+    "sf_clients": "secretflow",
+    "fashion_mnist_root": "needs_data",
+    "data_root": "needs_data",
+}
+
+
+def _missing_marker(item, marker: str, reason: str) -> str:
+    return (
+        f"{item.nodeid} {reason} but is not marked @pytest.mark.{marker}; add the marker "
+        "(pytestmark or a decorator) so that `make test-fast` can leave it out"
+    )
+
+
+_SECRETFLOW_BEFORE = pytest.StashKey[bool]()
+
+
+def _secretflow_loaded() -> bool:
+    return "secretflow" in sys.modules or "secretflow_fl" in sys.modules
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for fixture, marker in FIXTURE_MARKERS.items():
+        if fixture in item.fixturenames and item.get_closest_marker(marker) is None:
+            pytest.fail(_missing_marker(item, marker, f"uses the fixture {fixture!r}"))
+    item.stash[_SECRETFLOW_BEFORE] = _secretflow_loaded()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    yield
+    newly_imported = not item.stash.get(_SECRETFLOW_BEFORE, True) and _secretflow_loaded()
+    if newly_imported and item.get_closest_marker("secretflow") is None:
+        pytest.fail(_missing_marker(item, "secretflow", "imported SecretFlow"))

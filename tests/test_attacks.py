@@ -7,13 +7,18 @@ import pytest
 import torch
 
 from sf_ext.attacks import (
-    UPDATE_ATTACKS,
+    ATTACKS,
+    AttackContext,
     add_pixel_pattern,
     attacker_indices,
     backdoor_behaviour,
     default_pgd_radius,
+    fang_krum,
+    fang_trim,
     finish_backdoor_update,
     gaussian_noise,
+    get_attack,
+    inner_product_manipulation,
     knn_tail_scores,
     lie_z_max,
     little_is_enough,
@@ -23,6 +28,8 @@ from sf_ext.attacks import (
     model_replacement,
     pixel_pattern_backdoor,
     project_to_ball,
+    register_attack,
+    run_update_attack,
     same_value,
     sign_flip,
     tail_edge_case,
@@ -41,10 +48,12 @@ def attackers():
 
 
 def test_benign_rows_untouched_by_every_update_attack(updates, attackers):
-    for name, fn in UPDATE_ATTACKS.items():
-        if name == "adaptive_mm":  # needs a network; tested below
+    update_attacks = [n for n, spec in ATTACKS.items() if spec.kind == "update"]
+    assert {"sign_flip", "ipm", "fang_krum", "fang_trim", "lie", "min_max"} <= set(update_attacks)
+    for name in update_attacks:
+        if "model" in ATTACKS[name].needs:  # needs a network; tested below
             continue
-        out = fn(updates, attackers)
+        out, _ = run_update_attack(name, updates, attackers, AttackContext())
         assert out.shape == updates.shape, name
         assert torch.equal(out[~attackers], updates[~attackers]), name
         assert out.dtype == torch.float32, name
@@ -105,6 +114,21 @@ def test_min_max_stays_within_benign_diameter_and_is_maximal(updates, attackers,
     assert (updates.double() - bigger).norm(dim=1).max() > bound
 
 
+def test_min_sum_is_the_largest_gamma_inside_the_constraint(updates, attackers):
+    out, gamma = min_sum(updates, attackers, knowledge="all", return_gamma=True)
+    ref = updates.double()
+    mean = ref.mean(dim=0)
+    direction = -ref.std(dim=0, unbiased=False)
+    bound = (torch.cdist(ref, ref) ** 2).sum(dim=1).max()
+
+    def total(g):
+        return float(((ref - (mean + g * direction)) ** 2).sum())
+
+    assert gamma > 0 and total(gamma) <= float(bound) + 1e-6
+    assert total(gamma * 1.01 + 1e-4) > float(bound)  # any larger gamma breaks the constraint
+    torch.testing.assert_close(out[0].double(), mean + gamma * direction, rtol=1e-5, atol=1e-6)
+
+
 def test_min_sum_constraint(updates, attackers):
     out, gamma = min_sum(updates, attackers, knowledge="all", return_gamma=True)
     ref = updates.double()
@@ -149,7 +173,7 @@ def test_paper_radii_and_presets():
     assert backdoor_behaviour("blackbox").poison_fraction == 0.8
     assert backdoor_behaviour("pgd", (3, 32, 32)).pgd_radius == 2.0
     assert backdoor_behaviour("pgd", pgd_radius=0.7).pgd_radius == 0.7
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown attack 'nonsense'"):
         backdoor_behaviour("nonsense")
 
 
@@ -222,7 +246,157 @@ def test_adaptive_attack_against_matrix_mapping(reference):
         # The leader's score, recomputed with the core's own scoring, is under the mean.
         copies = 3 if reference == "paper" else 1
         stacked = torch.cat([updates[mask], out[:1].expand(copies, -1)])
-        scores = anomaly_scores(map_updates(model, stacked, (1, 4, 4))[0])
+        scores = anomaly_scores(map_updates(model, stacked, (1, 4, 4)).double())
         assert scores[-1] < scores.mean()
-    passes, _, _ = leader_passes(updates[mask], mean, model, (1, 4, 4), reference=reference)
-    assert isinstance(passes, bool)
+    if reference == "paper":
+        # Literal reading: f identical copies sit at distance 0, so the very first, largest
+        # lambda passes (the degenerate search the module docstring describes).
+        assert info.lam == pytest.approx(200 * (1 - 1e-6)) and info.evaluations == 1
+    else:
+        # One copy against the clean updates: a real search ending well inside (0, 200) at the
+        # largest lambda that passes (twice it fails).
+        assert 0.05 < info.lam < 5 and info.evaluations > 3
+        assert leader_passes(
+            updates[mask], mean - info.lam * torch.sign(mean), model, (1, 4, 4), reference=reference
+        )[0]
+        fails_at = (1 + 2 * 0.05) * info.lam
+        assert not leader_passes(
+            updates[mask], mean - fails_at * torch.sign(mean), model, (1, 4, 4), reference=reference
+        )[0]
+
+
+# ------------------------------------------------------------------------ IPM, Fang, scaling
+
+
+def test_ipm_sends_minus_eps_times_the_benign_mean(updates, attackers):
+    benign_mean = updates[~attackers].mean(dim=0)
+    for eps in (0.1, 0.5, 100.0):
+        out = inner_product_manipulation(updates, attackers, eps=eps)
+        torch.testing.assert_close(out[:2], (-eps * benign_mean).expand(2, -1))
+        assert torch.equal(out[~attackers], updates[~attackers])
+    partial = inner_product_manipulation(updates, attackers, eps=1.0, knowledge="attackers")
+    torch.testing.assert_close(partial[0], -updates[:2].mean(dim=0))
+    assert float(inner_product_manipulation(updates, attackers)[0] @ benign_mean) < 0
+
+
+def _krum_pick(rows, f):
+    dist = torch.cdist(rows.double(), rows.double()) ** 2
+    k = rows.shape[0] - f - 2
+    scores = torch.sort(dist, dim=1).values[:, 1 : k + 1].sum(dim=1)
+    return int(torch.argmin(scores))
+
+
+@pytest.mark.parametrize("knowledge", ["benign", "attackers"])
+def test_fang_krum_gets_a_crafted_update_selected(knowledge):
+    gen = torch.Generator().manual_seed(1)
+    # Noisy benign updates around a weak common direction, as SGD updates are.
+    direction = 0.3 * torch.randn(50, generator=gen)
+    updates = direction + torch.randn(12, 50, generator=gen)
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[:4] = True
+    out, info = fang_krum(updates, mask, knowledge=knowledge, return_details=True)
+    reference = updates[~mask] if knowledge == "benign" else updates[mask]
+    s = torch.sign(reference.mean(dim=0))
+    torch.testing.assert_close(out[:4], (-info.lam * s).expand(4, -1))
+    assert info.success and info.lam > 1e-5
+    assert torch.equal(out[~mask], updates[~mask])
+    if knowledge == "benign":
+        # Krum over the real round picks an attacker, and the crafted update opposes the benign.
+        assert _krum_pick(out, 4) < 4
+        assert float(out[0] @ updates[~mask].mean(dim=0)) < 0
+        # It is the largest lambda of the halving search that works: twice it is not selected.
+        doubled = out.clone()
+        doubled[:4] = -2 * info.lam * s
+        assert (
+            info.lam == pytest.approx(krum_bound(updates[~mask], 12, 4))
+            or _krum_pick(doubled, 4) >= 4
+        )
+
+
+def krum_bound(benign, n, c):
+    from sf_ext.attacks.fang import krum_lambda_bound
+
+    return krum_lambda_bound(benign, n, c)
+
+
+def test_fang_krum_bound_matches_the_paper_formula():
+    gen = torch.Generator().manual_seed(2)
+    benign = torch.randn(8, 30, generator=gen)
+    n, c, d = 12, 4, 30
+    dist = torch.cdist(benign.double(), benign.double())
+    k = n - c - 2
+    sums = torch.sort(dist, dim=1).values[:, 1 : k + 1].sum(dim=1)
+    expected = (
+        float(sums.min()) / ((n - 2 * c - 1) * d**0.5)
+        + float(benign.double().norm(dim=1).max()) / d**0.5
+    )
+    from sf_ext.attacks.fang import krum_lambda_bound
+
+    assert krum_lambda_bound(benign, n, c) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fang_trim_lands_beyond_the_benign_extremes():
+    gen = torch.Generator().manual_seed(3)
+    updates = torch.randn(10, 400, generator=gen) + torch.randn(400, generator=gen)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[:3] = True
+    out = fang_trim(updates, mask, generator=torch.Generator().manual_seed(0))
+    benign = updates[~mask].double()
+    s = torch.sign(benign.mean(dim=0))
+    w_max, w_min = benign.max(dim=0).values, benign.min(dim=0).values
+    crafted = out[:3].double()
+    up = s < 0
+    # Where the benign mean falls, push above the maximum (up to b = 2 away) and vice versa.
+    up_other = torch.where(w_max > 0, 2 * w_max, w_max / 2)
+    down_other = torch.where(w_min > 0, w_min / 2, 2 * w_min)
+    for side, edge, other in ((up, w_max, up_other), (~up, w_min, down_other)):
+        lo, hi = torch.minimum(edge, other)[side], torch.maximum(edge, other)[side]
+        assert bool((crafted[:, side] >= lo - 1e-6).all() and (crafted[:, side] <= hi + 1e-6).all())
+    assert bool((crafted[:, up] >= w_max[up] - 1e-6).all())  # above every benign value
+    assert bool((crafted[:, ~up] <= w_min[~up] + 1e-6).all())  # below every benign value
+    # Never on the benign side: every crafted value is beyond the extreme, against the mean.
+    assert bool((crafted[:, up & (w_max > 0)] >= w_max[up & (w_max > 0)] - 1e-6).all())
+    assert bool((crafted[:, ~up & (w_min < 0)] <= w_min[~up & (w_min < 0)] + 1e-6).all())
+    assert not torch.equal(out[0], out[1])  # drawn per attacker
+    partial = fang_trim(updates, mask, knowledge="attackers", generator=torch.Generator())
+    mu, sigma = updates[mask].double().mean(0), updates[mask].double().std(0)
+    sp = torch.sign(mu)
+    z = (partial[:3].double() - mu) / sigma
+    assert bool((z[:, sp > 0] <= -3 + 1e-5).all() and (z[:, sp > 0] >= -4 - 1e-5).all())
+    assert bool((z[:, sp < 0] >= 3 - 1e-5).all() and (z[:, sp < 0] <= 4 + 1e-5).all())
+
+
+def test_scaling_boosts_the_backdoor_update():
+    delta = torch.ones(4)
+    beh = backdoor_behaviour("scaling")
+    assert beh.model_replacement and beh.pgd_radius is None
+    torch.testing.assert_close(finish_backdoor_update(delta, beh, 200.0, 10.0), 20 * delta)
+    explicit = backdoor_behaviour("scaling", boost=7.0)
+    torch.testing.assert_close(finish_backdoor_update(delta, explicit, 200.0, 10.0), 7 * delta)
+    with pytest.raises(ValueError, match="unknown options \\['boots'\\]"):
+        backdoor_behaviour("scaling", boots=3.0)
+
+
+def test_registry_is_open_and_checks_contracts(updates, attackers):
+    @register_attack("_halve", single_client=True, replace=True)
+    def halve(updates, attackers, factor=0.5):
+        out = updates.clone()
+        out[attackers] = updates[attackers] * factor
+        return out
+
+    try:
+        assert get_attack("_halve").single_client
+        out, info = run_update_attack("_halve", updates, attackers, factor=0.25)
+        torch.testing.assert_close(out[:2], 0.25 * updates[:2]) and info == {}
+        with pytest.raises(ValueError, match="already registered"):
+            register_attack("_halve")(halve)
+    finally:
+        ATTACKS.pop("_halve", None)
+    with pytest.raises(ValueError, match="did you mean 'sign_flip'"):
+        get_attack("sign_flp")
+    with pytest.raises(ValueError, match="needs the context \\['model', 'input_shape'\\]"):
+        run_update_attack("adaptive_mm", updates, attackers)
+    with pytest.raises(ValueError, match="backdoor behaviour, not an update attack"):
+        run_update_attack("pgd", updates, attackers)
+    with pytest.raises(ValueError, match="unknown context"):
+        register_attack("_bad", needs=("oracle",))

@@ -1,6 +1,7 @@
 """Tests of sf_ext.data: file loaders, partitioning and the SecretFlow hand-off."""
 
 import gzip
+import logging
 import pickle
 import subprocess
 import sys
@@ -12,9 +13,14 @@ import pytest
 SECRETFLOW_PRELOADED = "secretflow" in sys.modules
 
 import sf_ext.models  # noqa: E402  (after the check above on purpose)
+from sf_ext.data import loaders  # noqa: E402
 from sf_ext.data import (  # noqa: E402
     DATA_ROOT_ENV,
+    SYSTEM_DATA_ROOT,
     DatasetNotFoundError,
+    base_roots,
+    checkout_data_root,
+    dataset_folder,
     dataset_names,
     dataset_spec,
     dirichlet_partition,
@@ -26,6 +32,7 @@ from sf_ext.data import (  # noqa: E402
     load_digits,
     one_hot,
     read_idx,
+    resolve_dataset,
     split_by_fractions,
     to_fed_ndarray,
     write_idx,
@@ -187,16 +194,88 @@ def test_mnist_corrupt_file_named(tmp_path):
         load_dataset("mnist", root=tmp_path)
 
 
-def test_missing_files_error_lists_places_and_advice(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_checkout(tmp_path, monkeypatch):
+    """Make sf-ext believe it runs from tmp_path/checkout, with tmp_path/shared/data beside it."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'sf-ext'\n")
+    shared = tmp_path / "shared" / "data"
+    shared.mkdir(parents=True)
+    monkeypatch.setattr(loaders, "_PACKAGE_PARENT", checkout)
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    return shared
+
+
+def test_missing_files_error_lists_places_and_advice(tmp_path, monkeypatch, fake_checkout):
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "env-root"))
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset("fashion-mnist")
     message = str(info.value)
-    assert str(tmp_path / "env-root" / "fashion-mnist") in message
-    assert "/usr/share/datasets/fashion-mnist" in message
+    places = [
+        str(tmp_path / "env-root" / "fashion-mnist"),
+        str(fake_checkout / "fashion-mnist"),
+        "/usr/share/datasets/fashion-mnist",
+    ]
+    positions = [message.index(place + "\n") for place in places]
+    assert positions == sorted(positions)  # searched in the documented order
     assert "dataset-fashion-mnist" in message and DATA_ROOT_ENV in message
     with pytest.raises(FileNotFoundError, match=r"(?s)CIFAR-10 files not found.*explicit"):
         load_dataset("cifar10", root=tmp_path / "explicit")
+
+
+def test_data_root_rule_explicit_then_env_then_checkout(tmp_path, monkeypatch, fake_checkout):
+    write_mnist_folder(tmp_path / "explicit" / "mnist", train_count=5)
+    write_mnist_folder(tmp_path / "env" / "mnist", train_count=3)
+    write_mnist_folder(fake_checkout / "mnist", train_count=4)
+    assert base_roots() == [fake_checkout, SYSTEM_DATA_ROOT]
+    assert len(load_dataset("mnist")[1]) == 4  # beside the checkout
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "env"))
+    assert base_roots() == [tmp_path / "env", fake_checkout, SYSTEM_DATA_ROOT]
+    assert len(load_dataset("mnist")[1]) == 3  # $SF_EXT_DATA first
+    assert len(load_dataset("mnist", root=tmp_path / "explicit")[1]) == 5  # explicit wins
+    assert base_roots(tmp_path / "explicit") == [tmp_path / "explicit"]
+    assert dataset_folder("mnist") == tmp_path / "env" / "mnist"
+    assert dataset_folder("digits") is None
+    # An empty $SF_EXT_DATA does not hide the later places.
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "empty"))
+    assert len(load_dataset("mnist")[1]) == 4
+
+
+def test_checkout_root_only_for_a_checkout(tmp_path, monkeypatch):
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    site = tmp_path / "site-packages"  # an installed wheel: no pyproject.toml beside sf_ext
+    site.mkdir()
+    monkeypatch.setattr(loaders, "_PACKAGE_PARENT", site)
+    assert checkout_data_root() is None
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text("")
+    monkeypatch.setattr(loaders, "_PACKAGE_PARENT", checkout)
+    assert checkout_data_root() == tmp_path / "shared" / "data"
+    (tmp_path / "shared" / "data").rmdir()
+    assert checkout_data_root() is None  # no shared/data: not searched
+
+
+def test_resolve_dataset_falls_back_loudly(tmp_path, monkeypatch, fake_checkout, caplog, capsys):
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "env"))
+    with caplog.at_level(logging.WARNING, logger="sf_ext.data.loaders"):
+        assert resolve_dataset("MNIST") == "digits"
+    printed = capsys.readouterr().out
+    assert "dataset 'mnist' not found, USING 'digits' INSTEAD" in printed
+    assert DATA_ROOT_ENV in printed and len(printed.splitlines()) == 1
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "USING 'digits' INSTEAD" in record.getMessage()
+    assert str(tmp_path / "env" / "mnist") in record.getMessage()  # where it looked
+    caplog.clear()
+    write_mnist_folder(tmp_path / "env" / "mnist")
+    assert resolve_dataset("mnist") == "mnist"
+    assert capsys.readouterr().out == "" and not caplog.records
+    with pytest.raises(DatasetNotFoundError, match="CIFAR-10 files not found"):
+        resolve_dataset("emnist-letters", fallback="cifar10")
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        resolve_dataset("mnist", fallback="svhn")
 
 
 def test_env_var_root(tmp_path, monkeypatch):
@@ -305,6 +384,7 @@ def test_one_hot():
 # Real Fashion-MNIST
 
 
+@pytest.mark.needs_data
 def test_real_fashion_mnist(fashion_mnist_root, data_root):
     x, y = load_dataset("fashion-mnist", root=data_root, split="train")
     assert x.shape == (60000, 1, 28, 28) and x.dtype == np.float32
@@ -432,6 +512,8 @@ def secretflow_parties(sf_parties):
     return sf, {pyu.party: pyu for pyu in sf_parties}
 
 
+@pytest.mark.secretflow
+@pytest.mark.needs_data
 def test_federated_hand_off(secretflow_parties, data_root):
     sf, pyus = secretflow_parties
     from secretflow.data.ndarray import FedNdarray, PartitionWay

@@ -59,7 +59,8 @@ def test_fedavg_is_exact_when_every_client_takes_part():
         weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
         global_vec = (weights[:, None] * torch.stack(new_models).double()).sum(0).float()
     assert torch.allclose(sim.global_params, global_vec, atol=1e-5)
-    assert sim.history[-1]["n_kept"] == 5 and math.isnan(sim.history[-1]["tpr"])
+    assert sim.history[-1]["n_kept"] == 5
+    assert "tpr" not in sim.history[-1]  # FedAvg selects nobody: no detection rates at all
 
 
 def test_batched_training_matches_the_loop():
@@ -227,6 +228,292 @@ def test_grid_runner_writes_tables_and_resumes(tmp_path):
     assert len((out / "results.csv").read_text().splitlines()) == 5
     assert len(list((out / "plots").glob("*.png"))) == 2
     # A second call reads every finished cell back instead of training again.
-    stamp = os.path.getmtime(next((out / "cells").glob("*/result.json")))
-    run_grid(grid, str(out), progress=False)
-    assert os.path.getmtime(next((out / "cells").glob("*/result.json"))) == stamp
+    from sf_ext.simulator import engine
+
+    def no_training(self):
+        raise AssertionError("a finished cell was trained again")
+
+    original = engine.Simulator.run
+    engine.Simulator.run = no_training
+    try:
+        again = run_grid(grid, str(out), progress=False)
+    finally:
+        engine.Simulator.run = original
+    assert again.keys() == results.keys()
+
+
+# ------------------------------------------------------------------ registry, honesty, validation
+
+
+def test_a_registered_custom_attack_runs_in_the_simulator():
+    from sf_ext.attacks import ATTACKS, register_attack
+
+    calls = []
+
+    @register_attack("_zero_out", single_client=True, replace=True)
+    def zero_out(updates, attackers, keep=0.0):
+        calls.append(int(torch.as_tensor(attackers).sum()))
+        out = updates.clone()
+        out[torch.as_tensor(attackers)] = keep
+        return out
+
+    try:
+        cfg = _config(
+            num_clients=10,
+            clients_per_round=5,
+            rounds=2,
+            attack="_zero_out",
+            attacker_fraction=0.4,
+            attack_options={"keep": 0.0},
+        )
+        result = Simulator(cfg, progress=False).run()
+        assert calls == [2, 2] and result.final["rounds_played"] == 2
+        with pytest.raises(ValueError, match="unknown option 'kep'.*did you mean 'keep'"):
+            _config(attack="_zero_out", attacker_fraction=0.2, attack_options={"kep": 1.0})
+    finally:
+        ATTACKS.pop("_zero_out", None)
+
+
+ALL_ATTACKS = [
+    "sign_flip",
+    "same_value",
+    "gaussian",
+    "lie",
+    "min_max",
+    "min_sum",
+    "ipm",
+    "fang_krum",
+    "fang_trim",
+    "adaptive_mm",
+    "blackbox",
+    "pgd",
+    "pgd_mr",
+    "pixel",
+    "scaling",
+]
+
+
+@pytest.mark.parametrize("attack", ALL_ATTACKS)
+def test_every_attack_runs_end_to_end(attack):
+    from sf_ext.attacks import ATTACKS
+
+    assert set(ALL_ATTACKS) <= set(ATTACKS)
+    backdoor = {
+        "kind": "pixel" if attack == "pixel" else "edge_case",
+        "source_class": 7,
+        "target_class": 1,
+        "tail_fraction": 0.2,
+        "n_poison": 40,
+    }
+    cfg = _config(
+        num_clients=10,
+        clients_per_round=5,
+        rounds=1,
+        attack=attack,
+        attacker_fraction=0.4,
+        backdoor=backdoor,
+        aggregator="multi_krum",
+        aggregator_options={"f": "auto"},
+    )
+    sim = Simulator(cfg, progress=False)
+    record = sim.run_round()
+    assert record["n_attackers"] == 2 and "accuracy" in record and "tpr" in record
+    if attack in ("adaptive_mm", "fang_krum"):
+        assert "attack_lambda" in record
+
+
+def test_stalled_run_is_reported_as_such():
+    from sf_ext.aggregators import AGGREGATORS, AggregationReport, register_aggregator
+
+    @register_aggregator("_freeze", replace=True)
+    def freeze(updates, num_samples=None):
+        n = updates.shape[0]
+        report = AggregationReport("_freeze", torch.zeros(n), None, torch.zeros(n, dtype=bool))
+        return torch.zeros(updates.shape[1]), report
+
+    try:
+        result = Simulator(
+            _config(num_clients=6, clients_per_round=3, rounds=4, aggregator="_freeze"),
+            progress=False,
+        ).run()
+    finally:
+        AGGREGATORS.pop("_freeze", None)
+    final = result.final
+    assert final["status"] == "stalled" and final["stalled"] and final["stalled_from_round"] == 0
+    assert final["no_change_rounds"] == 4 and not final["diverged"]
+    healthy = Simulator(_config(num_clients=6, clients_per_round=3, rounds=2), progress=False)
+    assert healthy.run().final["status"] == "ok"
+
+
+def test_trimmed_mean_below_its_breakdown_warns_before_running():
+    cfg = _config(
+        num_clients=20,
+        clients_per_round=10,
+        rounds=1,
+        aggregator="trimmed_mean",
+        attack="sign_flip",
+        attacker_fraction=0.4,
+    )
+    with pytest.warns(RuntimeWarning, match="tolerates at most 1 attackers among 10"):
+        sim = Simulator(cfg, progress=False)
+    final = sim.run().final
+    assert final["warnings"] == sim.warnings and sim.warnings[0].startswith("trimmed_mean")
+    ok = _config(**{**cfg.to_dict(), "aggregator_options": {"f": 4}})
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        Simulator(ok, progress=False)  # f = 4 covers the 4 attackers: no warning
+
+
+def test_an_overflowing_mean_of_finite_updates_marks_the_run_diverged():
+    """The simulator used to re-raise when the updates were finite but the mean was not."""
+    from sf_ext.aggregators import AGGREGATORS, register_aggregator
+    from sf_ext.aggregators._validate import NonFiniteAggregate
+
+    seen = []
+
+    @register_aggregator("_overflowing", replace=True)
+    def overflowing(updates, num_samples=None):
+        seen.append(bool(torch.isfinite(updates).all()))
+        raise NonFiniteAggregate("the weighted mean overflowed float32")
+
+    try:
+        result = Simulator(
+            _config(num_clients=6, clients_per_round=3, rounds=3, aggregator="_overflowing"),
+            progress=False,
+        ).run()
+    finally:
+        AGGREGATORS.pop("_overflowing", None)
+    assert seen == [True]  # finite inputs, one round, then the run stops
+    assert result.final["diverged"] and result.final["status"] == "diverged"
+    assert "overflowed" in result.history[-1]["divergence"]
+    # A NaN-spreading attack against plain FedAvg ends the same way.
+    nan_run = Simulator(
+        _config(
+            num_clients=6,
+            clients_per_round=3,
+            rounds=3,
+            attack="same_value",
+            attacker_fraction=0.34,
+            attack_options={"value": float("nan")},
+        ),
+        progress=False,
+    ).run()
+    assert nan_run.final["status"] == "diverged" and nan_run.final["rounds_played"] == 1
+
+
+def test_fltrust_trains_a_root_update_every_round():
+    cfg = _config(
+        num_clients=10,
+        clients_per_round=5,
+        rounds=2,
+        aggregator="fltrust",
+        root_size=30,
+        attack="sign_flip",
+        attacker_fraction=0.4,
+    )
+    sim = Simulator(cfg, progress=False)
+    assert len(sim.root_indices) == 30
+    assert set(sim.root_indices.tolist()) <= set(sim.data.clean_indices().tolist())
+    record = sim.run_round()
+    assert record["tpr"] == 1.0  # sign-flipped updates point away from the server's own
+    assert (
+        Simulator(_config(num_clients=10, clients_per_round=5), progress=False).root_indices is None
+    )
+
+
+def test_server_lr_lr_decay_and_eval_every():
+    base = dict(num_clients=6, clients_per_round=6, rounds=3, batch_size=10_000)
+    full = Simulator(_config(**base), progress=False)
+    start = full.global_params.clone()
+    full.run_round()
+    half = Simulator(_config(**base, server_lr=0.5), progress=False)
+    half.run_round()
+    torch.testing.assert_close(half.global_params - start, 0.5 * (full.global_params - start))
+    decayed = Simulator(_config(**base, lr_decay=0.5, eval_every=2), progress=False)
+    result = decayed.run()
+    assert [h["lr"] for h in result.history] == [0.1, 0.05, 0.025]
+    assert ["accuracy" in h for h in result.history] == [False, True, True]
+
+
+def test_pretrained_model_is_cached_and_reused(tmp_path, monkeypatch):
+    cfg = _config(num_clients=6, clients_per_round=3, rounds=1, pretrain_epochs=1)
+    first = Simulator(cfg, progress=False, pretrained_cache=str(tmp_path))
+    assert len(list(tmp_path.glob("pretrained-*.pt"))) == 1
+    from sf_ext.simulator import training
+
+    def fail(*args, **kwargs):
+        raise AssertionError("pretraining ran again")
+
+    monkeypatch.setattr(training.LocalTrainer, "train", fail)
+    second = Simulator(cfg, progress=False, pretrained_cache=str(tmp_path))
+    assert torch.equal(first.global_params, second.global_params)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"rounds": "two"}, "rounds must be an integer, got the string 'two'"),
+        ({"lr": "0.05"}, "lr must be a number, got the string '0.05'"),
+        ({"aggregator": "flam"}, "unknown aggregator 'flam' \\(did you mean 'flame'\\?\\)"),
+        (
+            {"aggregator_options": {"noise_lamda": 0}, "aggregator": "flame"},
+            "unknown option 'noise_lamda'.*did you mean 'noise_lambda'",
+        ),
+        ({"attack": "sign_flp"}, "did you mean 'sign_flip'"),
+        ({"roundz": 3}, "unknown simulation setting 'roundz' \\(did you mean 'rounds'\\?\\)"),
+        ({"attack_options": {"scale": 2.0}}, "attack_options .* given without an attack"),
+    ],
+)
+def test_configs_are_validated_by_name_and_type(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SimulationConfig.from_dict({**DIGITS, **settings})
+
+
+def _write_grid(tmp_path, **extra):
+    spec = {
+        "name": "tiny",
+        "base": {**DIGITS, "num_clients": 6, "clients_per_round": 3, "rounds": 1},
+        "rows": [{"label": "No attack"}],
+        "columns": [{"label": "FedAvg", "aggregator": "fedavg"}],
+        **extra,
+    }
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--only", "nosuchcell"], "matches no cell"),
+        (["--set", "rounds=two"], "rounds must be an integer"),
+        (["--set", "rounds"], "--set expects key=value"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_simulate_command_line_mistakes_exit_2_with_a_message(tmp_path, capsys, argv, message):
+    from sf_ext.simulator.run import main
+
+    path = _write_grid(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([path, "--out", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_simulate_rejects_unknown_sections_and_missing_files(tmp_path, capsys):
+    from sf_ext.simulator.run import main
+
+    path = _write_grid(tmp_path, basee={"rounds": 5})
+    with pytest.raises(SystemExit) as exit_info:
+        main([path, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "unknown section 'basee' (did you mean 'base'?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")])
+    assert "experiment file not found" in capsys.readouterr().err
+    assert main([_write_grid(tmp_path), "--list"]) == 0
+    assert "fedavg-clean-" in capsys.readouterr().out

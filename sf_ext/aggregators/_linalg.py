@@ -90,3 +90,31 @@ def row_block(updates: torch.Tensor, rows: Optional[torch.Tensor], cols: slice) 
     if rows is None:
         return updates[:, cols]
     return updates[rows, cols]
+
+
+GRAM64_BLOCK_ELEMENTS = 1 << 22
+
+
+def gram_matrix64(
+    updates: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """float64 Gram matrix of ``updates[rows] + offset`` (``offset`` a ``[d]`` vector, e.g. the
+    previous global model, so that the rows become the clients' models).
+
+    Each column block is formed in float32 (as a client's model is), converted to float64 and
+    multiplied in float64: the cosine distances built from it agree with those of a float64
+    reference on the same vectors to rounding, which matters when the vectors are nearly parallel
+    (local models differ from each other by far less than their norm).
+    """
+    matrix = updates if rows is None else updates[rows]
+    n, d = matrix.shape
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for cols in column_blocks(n, d, GRAM64_BLOCK_ELEMENTS):
+        block = matrix[:, cols]
+        if offset is not None:
+            block = block + offset[cols]
+        block = block.to(torch.float64)
+        gram.addmm_(block, block.T)
+    return (gram + gram.T) / 2.0

@@ -13,6 +13,14 @@ import torch
 from sf_ext.aggregators.report import AggregationReport
 
 
+class NonFiniteAggregate(ValueError):
+    """A rule without screening met NaN/inf updates, or its result overflowed float32.
+
+    Callers that keep training through attacks (the simulator) catch exactly this to mark the run
+    diverged; every other ``ValueError`` (a configuration mistake) still stops them.
+    """
+
+
 def as_update_matrix(updates) -> torch.Tensor:
     """The stacked updates as a contiguous float32 ``[n_clients, n_params]`` tensor.
 
@@ -122,18 +130,23 @@ def check_int_option(name: str, value, minimum: int = 0) -> int:
 
 
 def nothing_usable(
-    method: str, num_clients: int, num_params: int, unusable: torch.Tensor, details: Dict[str, Any]
+    method: str,
+    num_clients: int,
+    num_params: int,
+    unusable: torch.Tensor,
+    details: Dict[str, Any],
+    selects: bool = False,
 ) -> Tuple[torch.Tensor, AggregationReport]:
     """Result of a robust aggregator when every update was screened: a zero update (the global
     model stays as it is) rather than an exception that would stop training."""
     details = dict(details, all_screened=True)
     report = AggregationReport(
         method=method,
-        kept=torch.zeros(num_clients, dtype=torch.bool),
         weights=torch.zeros(num_clients, dtype=torch.float64),
         scores=torch.full((num_clients,), float("inf"), dtype=torch.float64),
         non_finite=unusable.clone(),
         details=details,
+        selects=selects,
     )
     return torch.zeros(num_params, dtype=torch.float32), report
 

@@ -4,7 +4,7 @@ from typing import Tuple
 
 import torch
 
-from sf_ext.aggregators._validate import as_update_matrix, sample_counts
+from sf_ext.aggregators._validate import NonFiniteAggregate, as_update_matrix, sample_counts
 from sf_ext.aggregators.report import AggregationReport
 
 
@@ -20,9 +20,11 @@ def fedavg(updates, num_samples=None) -> Tuple[torch.Tensor, AggregationReport]:
         updates: ``[n_clients, n_params]`` float updates.
         num_samples: ``[n]`` sample counts (equal weights when None).
 
+    What the server learns: every client's plaintext update and sample count.
+
     Raises:
-        ValueError: A client's update holds NaN/inf (the message names its index), or the mean
-            overflowed float32.
+        NonFiniteAggregate: A client's update holds NaN/inf (the message names its index), or the
+            mean overflowed float32 (a ``ValueError``).
     """
     matrix = as_update_matrix(updates)
     coeffs = sample_counts(num_samples, matrix.shape[0])
@@ -31,15 +33,16 @@ def fedavg(updates, num_samples=None) -> Tuple[torch.Tensor, AggregationReport]:
     if not bool(torch.isfinite(result).all()):
         bad = [i for i in range(matrix.shape[0]) if not bool(torch.isfinite(matrix[i]).all())]
         if bad:
-            raise ValueError(
+            raise NonFiniteAggregate(
                 f"client update {bad[0]} contains NaN or inf (non-finite clients: {bad}); "
                 "FedAvg cannot screen them, use a robust aggregator"
             )
-        raise ValueError("the weighted mean overflowed float32 (update values are too large)")
+        raise NonFiniteAggregate(
+            "the weighted mean overflowed float32 (update values are too large)"
+        )
     num_clients = matrix.shape[0]
     report = AggregationReport(
         method="fedavg",
-        kept=coeffs > 0,
         weights=coeffs,
         scores=None,
         non_finite=torch.zeros(num_clients, dtype=torch.bool),

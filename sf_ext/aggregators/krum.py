@@ -4,6 +4,11 @@ Each client's score is the sum of squared Euclidean distances to its ``n - f - 2
 updates; Krum returns the single update with the lowest score, Multi-Krum the sample-weighted mean
 of the ``m`` lowest-scoring ones (``m = n - f`` by default). All distances come from one Gram
 matrix.
+
+Checked against a brute-force computation of the scores (all pairwise squared distances, sorted
+per row) in the unit tests.
+
+What the server learns: every client's plaintext update and all pairwise distances.
 """
 
 from typing import Optional, Tuple
@@ -34,9 +39,13 @@ def _check_f(f: Optional[int], num_clients: int, method: str) -> int:
         f = max_tolerated_f(num_clients)
     f = check_int_option("f", f)
     if num_clients <= 2 * f + 2:
+        if num_clients < 3:
+            hint = f"{method} needs at least 3 clients, whatever f"
+        else:
+            hint = f"with {num_clients} clients f can be at most {max_tolerated_f(num_clients)}"
         raise ValueError(
-            f"{method} needs n > 2f + 2 clients: got n={num_clients} for f={f} "
-            f"(at most f={max_tolerated_f(num_clients)} with {num_clients} clients)"
+            f"{method} needs n > 2f + 2 clients (n >= {2 * f + 3} for f={f}), "
+            f"got n={num_clients}: {hint}"
         )
     return f
 
@@ -91,18 +100,18 @@ def krum(
     sample_counts(num_samples, num_clients)
     usable, scores, _, details, unusable = _krum_scores(matrix, "Krum", f)
     if usable.numel() == 0:
-        return nothing_usable("krum", num_clients, num_params, unusable, details)
+        return nothing_usable("krum", num_clients, num_params, unusable, details, selects=True)
     chosen = int(usable[int(torch.argmin(scores))])
     weights = torch.zeros(num_clients, dtype=torch.float64)
     weights[chosen] = 1.0
     details["selected"] = [chosen]
     report = AggregationReport(
         method="krum",
-        kept=weights > 0,
         weights=weights,
         scores=scatter(scores, usable, num_clients, float("inf")),
         non_finite=unusable,
         details=details,
+        selects=True,
     )
     return matrix[chosen].clone(), report
 
@@ -130,7 +139,9 @@ def multi_krum(
         m = check_int_option("m", m, minimum=1)
     usable, scores, f_eff, details, unusable = _krum_scores(matrix, "Multi-Krum", f)
     if usable.numel() == 0:
-        return nothing_usable("multi_krum", num_clients, num_params, unusable, details)
+        return nothing_usable(
+            "multi_krum", num_clients, num_params, unusable, details, selects=True
+        )
     m_eff = min(m if m is not None else usable.numel() - f_eff, usable.numel())
     m_eff = max(m_eff, 1)
     # Stable sort: equal scores keep client order, so ties resolve deterministically.
@@ -141,10 +152,10 @@ def multi_krum(
     details.update(m=m_eff, selected=usable[order].sort().values.tolist())
     report = AggregationReport(
         method="multi_krum",
-        kept=selected,
         weights=weights,
         scores=scatter(scores, usable, num_clients, float("inf")),
         non_finite=unusable,
         details=details,
+        selects=True,
     )
     return weighted_row_sum(matrix, weights), report

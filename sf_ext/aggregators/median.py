@@ -4,6 +4,11 @@ Selection along the client axis is the floor of both rules, so they call ``torch
 ``torch.sort`` on column blocks of the matrix directly. Blocks keep the sort's temporaries (values
 plus int64 indices, three times the block) small instead of three times the whole matrix, and are
 no slower than one call on the full matrix.
+
+Checked against numpy's sort/median on the same matrix (even and odd client counts, screened
+rows inside blocks) in the unit tests.
+
+What the server learns: every client's plaintext update.
 """
 
 from typing import Optional, Tuple
@@ -63,11 +68,11 @@ def _report(method, matrix, norms, unusable, usable, result, shares, details):
     details = dict(details, weights_meaning=_WEIGHTS_MEANING)
     return AggregationReport(
         method=method,
-        kept=weights > 0,
         weights=weights,
         scores=scatter(scores, usable, num_clients, float("inf")),
         non_finite=unusable,
         details=details,
+        selects=False,
     )
 
 

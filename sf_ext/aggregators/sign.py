@@ -6,6 +6,10 @@ coordinate by more than ``step_t``. The round counter is state of the caller and
 
 The matrix is read once, in cache-sized column blocks: the signs, their column sums, each client's
 agreement with the result and the screening row sums all come from the same block.
+
+Checked against ``step * sum(sign(u_i))`` computed directly in the unit tests.
+
+What the server learns: every client's plaintext update (it only uses the signs).
 """
 
 from typing import Optional, Tuple
@@ -98,10 +102,10 @@ def sign_aggregate(
     weights = scatter(torch.full((usable.numel(),), step), usable, num_clients, 0.0)
     report = AggregationReport(
         method="rsa",
-        kept=weights > 0,
         weights=weights,
         scores=scatter(disagreement, usable, num_clients, float("inf")),
         non_finite=unusable,
         details=details,
+        selects=False,
     )
     return sign_sum.mul_(step), report

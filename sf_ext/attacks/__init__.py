@@ -1,8 +1,11 @@
 """Byzantine and backdoor attacks for robustness experiments (no SecretFlow import).
 
-- Untargeted attacks on a stacked update matrix (:mod:`sf_ext.attacks.untargeted`):
-  ``fn(updates, attackers, **options) -> updates`` with only the attackers' rows replaced.
-  Registered by name in :data:`UPDATE_ATTACKS`.
+- Untargeted attacks on a stacked update matrix (:mod:`sf_ext.attacks.untargeted`,
+  :mod:`sf_ext.attacks.fang`): ``fn(updates, attackers, **options) -> updates`` with only the
+  attackers' rows replaced.
+- The open registry (:mod:`sf_ext.attacks.registry`): :func:`register_attack` /
+  :func:`register_backdoor` add attacks that the simulator and ``fed_avg_w_attack`` both accept
+  by name; :data:`ATTACKS` holds every registered one with its contract.
 - Targeted client behaviours (:mod:`sf_ext.attacks.targeted`): black-box, PGD and PGD with model
   replacement edge-case backdoors and the pixel-pattern backdoor, as :class:`BackdoorBehaviour`
   settings plus the projection / replacement helpers.
@@ -12,6 +15,7 @@
   ``adaptive_mm``; it scores with the aggregation core's matrix-mapping functions.
 """
 
+from sf_ext.attacks import targeted as _targeted
 from sf_ext.attacks.adaptive import AdaptiveResult, adaptive_matrix_mapping, leader_passes
 from sf_ext.attacks.backdoor_data import (
     BackdoorData,
@@ -21,6 +25,17 @@ from sf_ext.attacks.backdoor_data import (
     load_edge_case_file,
     pixel_pattern_backdoor,
     tail_edge_case,
+)
+from sf_ext.attacks.fang import fang_krum, fang_trim
+from sf_ext.attacks.registry import (
+    ATTACK_CONTEXT_FIELDS,
+    ATTACKS,
+    AttackContext,
+    AttackSpec,
+    get_attack,
+    register_attack,
+    register_backdoor,
+    run_update_attack,
 )
 from sf_ext.attacks.targeted import (
     TARGETED_ATTACKS,
@@ -35,6 +50,7 @@ from sf_ext.attacks.targeted import (
 )
 from sf_ext.attacks.untargeted import (
     gaussian_noise,
+    inner_product_manipulation,
     lie_z_max,
     little_is_enough,
     min_max,
@@ -43,19 +59,44 @@ from sf_ext.attacks.untargeted import (
     sign_flip,
 )
 
-UPDATE_ATTACKS = {
-    "sign_flip": sign_flip,
-    "same_value": same_value,
-    "gaussian": gaussian_noise,
-    "lie": little_is_enough,
-    "min_max": min_max,
-    "min_sum": min_sum,
-    # Needs the server's view (model, input shape, layout): the simulator passes them.
-    "adaptive_mm": adaptive_matrix_mapping,
-}
+# -- the built-in attacks, registered with their contracts ------------------------------------
+register_attack("sign_flip", single_client=True)(sign_flip)
+register_attack("same_value", uses=("global_params",), single_client=True, replaces_training=True)(
+    same_value
+)
+register_attack(
+    "gaussian",
+    uses=("generator",),
+    single_client=True,
+    replaces_training=lambda options: not options.get("additive", False),
+)(gaussian_noise)
+register_attack("lie")(little_is_enough)
+register_attack("min_max")(min_max)
+register_attack("min_sum")(min_sum)
+register_attack("ipm")(inner_product_manipulation)
+register_attack("fang_krum", uses=("generator",), returns_info=True)(fang_krum)
+register_attack("fang_trim", uses=("generator",))(fang_trim)
+register_attack("adaptive_mm", needs=("model", "input_shape"), uses=("layout",), returns_info=True)(
+    adaptive_matrix_mapping
+)
+for _name in TARGETED_ATTACKS:
+    register_backdoor(_name)(getattr(_targeted, _name))
+
+
+def _update_attacks():
+    return {name: spec.fn for name, spec in ATTACKS.items() if spec.kind == "update"}
+
+
+#: Name -> function of the registered update attacks (a snapshot at import; the registry
+#: :data:`ATTACKS` is the live source).
+UPDATE_ATTACKS = _update_attacks()
 
 
 __all__ = [
+    "ATTACKS",
+    "ATTACK_CONTEXT_FIELDS",
+    "AttackContext",
+    "AttackSpec",
     "UPDATE_ATTACKS",
     "TARGETED_ATTACKS",
     "AdaptiveResult",
@@ -68,8 +109,12 @@ __all__ = [
     "ball_scale",
     "default_pgd_radius",
     "edge_case_from_files",
+    "fang_krum",
+    "fang_trim",
     "finish_backdoor_update",
     "gaussian_noise",
+    "get_attack",
+    "inner_product_manipulation",
     "knn_tail_scores",
     "leader_passes",
     "lie_z_max",
@@ -80,6 +125,9 @@ __all__ = [
     "model_replacement",
     "pixel_pattern_backdoor",
     "project_to_ball",
+    "register_attack",
+    "register_backdoor",
+    "run_update_attack",
     "same_value",
     "sign_flip",
     "tail_edge_case",

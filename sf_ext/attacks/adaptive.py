@@ -61,7 +61,7 @@ def leader_passes(
 
     copies = clean.shape[0] if reference == "paper" else 1
     stacked = torch.cat([clean, malicious.reshape(1, -1).expand(copies, -1)]).to(torch.float32)
-    outputs, _ = map_updates(model, stacked, input_shape, layout)
+    outputs = map_updates(model, stacked, input_shape, layout).to(torch.float64)
     if not bool(torch.isfinite(outputs[-1]).all()):
         return False, float("inf"), float("nan")
     scores = anomaly_scores(outputs)

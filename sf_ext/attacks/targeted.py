@@ -29,9 +29,15 @@ __all__ = [
     "model_replacement",
     "finish_backdoor_update",
     "TARGETED_ATTACKS",
+    "blackbox",
+    "pgd",
+    "pgd_mr",
+    "pixel",
+    "scaling",
 ]
 
-TARGETED_ATTACKS = ("blackbox", "pgd", "pgd_mr", "pixel")
+#: The built-in backdoor behaviours (the registry may hold more: ``sf_ext.attacks.ATTACKS``).
+TARGETED_ATTACKS = ("blackbox", "pgd", "pgd_mr", "pixel", "scaling")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class BackdoorBehaviour:
         pgd_radius: L2 radius ``delta`` around the last global model; ``None`` = no projection.
         pgd_every: Project every this many local steps (and always after the last one).
         model_replacement: Scale the final update by ``|D| / |D_i|`` before the last projection.
+        boost: Explicit scale factor of the final update (overrides the ``|D| / |D_i|`` factor of
+            model replacement; ``None`` = that factor, or no scaling without model replacement).
         local_epochs: Attacker's own number of local epochs (``None`` = same as benign clients).
         lr: Attacker's own learning rate (``None`` = same as benign clients).
     """
@@ -56,6 +64,7 @@ class BackdoorBehaviour:
     pgd_radius: Optional[float] = None
     pgd_every: int = 10
     model_replacement: bool = False
+    boost: Optional[float] = None
     local_epochs: Optional[int] = None
     lr: Optional[float] = None
 
@@ -66,6 +75,8 @@ class BackdoorBehaviour:
             raise ValueError(f"pgd_radius must be positive, got {self.pgd_radius}")
         if self.pgd_every < 1:
             raise ValueError(f"pgd_every must be >= 1, got {self.pgd_every}")
+        if self.boost is not None and not self.boost > 0:
+            raise ValueError(f"boost must be positive, got {self.boost}")
         if self.data not in ("edge_case", "pixel"):
             raise ValueError(f"data must be 'edge_case' or 'pixel', got {self.data!r}")
 
@@ -76,17 +87,59 @@ def default_pgd_radius(input_shape: Sequence[int]) -> float:
 
 
 def backdoor_behaviour(name: str, input_shape: Sequence[int] = (1, 28, 28), **overrides):
-    """A preset :class:`BackdoorBehaviour` with the paper's parameters, optionally overridden."""
-    delta = overrides.pop("pgd_radius", None) or default_pgd_radius(input_shape)
-    presets = {
-        "blackbox": BackdoorBehaviour("blackbox"),
-        "pgd": BackdoorBehaviour("pgd", pgd_radius=delta),
-        "pgd_mr": BackdoorBehaviour("pgd_mr", pgd_radius=delta, model_replacement=True),
-        "pixel": BackdoorBehaviour("pixel", data="pixel", poison_fraction=0.5),
-    }
-    if name not in presets:
-        raise KeyError(f"unknown targeted attack {name!r}; choose from {sorted(presets)}")
-    return replace(presets[name], **overrides)
+    """The registered backdoor behaviour ``name`` with its preset parameters, optionally
+    overridden (see :func:`sf_ext.attacks.register_backdoor`)."""
+    from sf_ext.attacks.registry import get_attack
+
+    spec = get_attack(name)
+    if spec.kind != "backdoor":
+        raise ValueError(f"{name!r} is an update attack, not a backdoor behaviour")
+    return spec.fn(input_shape, **overrides)
+
+
+def _preset(base: BackdoorBehaviour, input_shape, overrides, uses_radius: bool):
+    overrides = dict(overrides)
+    if uses_radius and overrides.get("pgd_radius") is None:
+        overrides["pgd_radius"] = default_pgd_radius(input_shape)
+    unknown = sorted(set(overrides) - {f for f in BackdoorBehaviour.__dataclass_fields__})
+    if unknown:
+        raise ValueError(
+            f"unknown options {unknown} for backdoor {base.name!r}; known: "
+            f"{sorted(BackdoorBehaviour.__dataclass_fields__)}"
+        )
+    return replace(base, **overrides)
+
+
+def blackbox(input_shape=(1, 28, 28), **overrides) -> BackdoorBehaviour:
+    """Black-box edge-case backdoor: honest training on 80 % poisoned / 20 % clean data."""
+    return _preset(BackdoorBehaviour("blackbox"), input_shape, overrides, False)
+
+
+def pgd(input_shape=(1, 28, 28), **overrides) -> BackdoorBehaviour:
+    """Edge-case backdoor with projected gradient descent onto an L2 ball around the global
+    model (delta 1.5 for 28x28 inputs, 2 for 32x32; Wang et al. 2020)."""
+    return _preset(BackdoorBehaviour("pgd"), input_shape, overrides, True)
+
+
+def pgd_mr(input_shape=(1, 28, 28), **overrides) -> BackdoorBehaviour:
+    """PGD edge-case backdoor with model replacement (scale by ``|D| / |D_i|``, then project)."""
+    base = BackdoorBehaviour("pgd_mr", model_replacement=True)
+    return _preset(base, input_shape, overrides, True)
+
+
+def pixel(input_shape=(1, 28, 28), **overrides) -> BackdoorBehaviour:
+    """Pixel-pattern (BadNets) backdoor: half triggered samples relabelled to the target."""
+    base = BackdoorBehaviour("pixel", data="pixel", poison_fraction=0.5)
+    return _preset(base, input_shape, overrides, False)
+
+
+def scaling(input_shape=(1, 28, 28), **overrides) -> BackdoorBehaviour:
+    """Model boosting (Bhagoji et al. 2019; Bagdasaryan et al. 2020's model replacement without
+    a norm bound): edge-case training, then the update is scaled by ``boost`` (default
+    ``|D| / |D_i|``, the round's samples over the attacker's, so that FedAvg would replace the
+    global model by the attacker's)."""
+    base = BackdoorBehaviour("scaling", model_replacement=True)
+    return _preset(base, input_shape, overrides, False)
 
 
 def attacker_indices(
@@ -139,8 +192,11 @@ def finish_backdoor_update(
     total_samples: Optional[float] = None,
     own_samples: Optional[float] = None,
 ) -> torch.Tensor:
-    """Final manipulation of an attacker's trained update: model replacement, then projection."""
-    if behaviour.model_replacement:
+    """Final manipulation of an attacker's trained update: boosting (an explicit ``boost``, or
+    model replacement's ``|D| / |D_i|``), then projection onto the PGD ball."""
+    if behaviour.boost is not None:
+        delta = delta * float(behaviour.boost)
+    elif behaviour.model_replacement:
         if total_samples is None or own_samples is None:
             raise ValueError("model replacement needs total_samples and own_samples")
         delta = model_replacement(delta, total_samples, own_samples)

@@ -6,9 +6,10 @@ weights minus the global model), ``attackers`` a boolean mask ``[n_clients]``, a
 matrix in which only the attackers' rows have been replaced. Benign rows are returned untouched, so
 the caller can hand the result straight to an aggregator.
 
-Knowledge model of the statistical attacks (LIE, min-max, min-sum): ``knowledge="attackers"``
-estimates the benign distribution from the attackers' own honest updates (partial knowledge, the
-default), ``knowledge="all"`` from every honest update in the round (full knowledge).
+Knowledge model of the statistical attacks (LIE, min-max, min-sum, IPM): ``knowledge="attackers"``
+estimates the benign distribution from the attackers' own honest updates (partial knowledge),
+``knowledge="all"`` from every honest update in the round, ``knowledge="benign"`` from the benign
+clients' updates only (the omniscient attacker of Xie et al.'s IPM).
 """
 
 import math
@@ -24,6 +25,7 @@ __all__ = [
     "lie_z_max",
     "min_max",
     "min_sum",
+    "inner_product_manipulation",
 ]
 
 
@@ -42,8 +44,10 @@ def _reference(updates: torch.Tensor, mask: torch.Tensor, knowledge: str) -> tor
         ref = updates[mask]
     elif knowledge == "all":
         ref = updates
+    elif knowledge == "benign":
+        ref = updates[~mask]
     else:
-        raise ValueError(f"knowledge must be 'attackers' or 'all', got {knowledge!r}")
+        raise ValueError(f"knowledge must be 'attackers', 'all' or 'benign', got {knowledge!r}")
     if ref.shape[0] == 0:
         raise ValueError("no honest updates to estimate the benign distribution from")
     return ref
@@ -225,3 +229,23 @@ def min_sum(
         updates, attackers, perturbation, knowledge, gamma_init, tol, max_iter, crit
     )
     return (out, gamma) if return_gamma else out
+
+
+def inner_product_manipulation(
+    updates: torch.Tensor, attackers, eps: float = 0.1, knowledge: str = "benign"
+) -> torch.Tensor:
+    """Inner product manipulation (Xie, Koyejo and Gupta, UAI 2019): every attacker sends
+    ``-eps`` times the mean of the benign updates.
+
+    A small ``eps`` (0.1, the paper's and FLPoison's default; FLPoison's benchmark uses 0.5) keeps
+    the attackers inside the benign spread and turns the inner product of the aggregate with the
+    true mean negative for median-like rules; a large one (100) overwhelms the mean. The
+    attackers are omniscient by default (``knowledge="benign"``).
+    """
+    mask = _check(updates, attackers)
+    n_att = int(mask.sum())
+    if n_att == 0:
+        return updates.clone()
+    ref = _reference(updates, mask, knowledge)
+    crafted = -float(eps) * ref.to(torch.float64).mean(dim=0)
+    return _with_rows(updates, mask, crafted.expand(n_att, -1))

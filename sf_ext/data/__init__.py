@@ -2,6 +2,8 @@
 
 Loaders return ``(x, y)`` with ``x`` float32 in ``[0, 1]`` shaped ``[N, C, H, W]`` and ``y`` int64
 class indices; :func:`one_hot` makes the categorical labels SecretFlow's metric wrappers expect.
+Where files are looked for is one rule, described in :mod:`sf_ext.data.loaders`: an explicit
+``root``, else ``$SF_EXT_DATA``, ``shared/data`` beside the checkout, ``/usr/share/datasets``.
 Nothing here imports SecretFlow until :func:`to_fed_ndarray` or :func:`federated_dataset` runs.
 """
 
@@ -12,6 +14,9 @@ from sf_ext.data.loaders import (
     SYSTEM_DATA_ROOT,
     DatasetNotFoundError,
     DatasetSpec,
+    base_roots,
+    checkout_data_root,
+    dataset_folder,
     dataset_names,
     dataset_spec,
     load_cifar10,
@@ -21,6 +26,7 @@ from sf_ext.data.loaders import (
     load_fashion_mnist,
     load_mnist_idx,
     one_hot,
+    resolve_dataset,
 )
 from sf_ext.data.partition import (
     dirichlet_partition,
@@ -36,6 +42,9 @@ __all__ = [
     "SYSTEM_DATA_ROOT",
     "DatasetNotFoundError",
     "DatasetSpec",
+    "base_roots",
+    "checkout_data_root",
+    "dataset_folder",
     "dataset_names",
     "dataset_spec",
     "dirichlet_partition",
@@ -52,6 +61,7 @@ __all__ = [
     "partition_indices_dirichlet",
     "partition_indices_iid",
     "read_idx",
+    "resolve_dataset",
     "split_by_fractions",
     "to_fed_ndarray",
     "write_idx",

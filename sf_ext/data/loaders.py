@@ -3,16 +3,25 @@
 Every loader returns ``(x, y)``: ``x`` float32 in ``[0, 1]`` shaped ``[N, C, H, W]`` and ``y``
 int64 class indices shaped ``[N]``. :func:`load_dataset` is the single entry point.
 
-Where files are looked for, in order:
+**Where data is looked for** (the one rule every loader, command and notebook follows):
 
-1. ``root`` when given (and then only there): either the dataset's own folder (the one holding
-   the files) or a base folder that contains per-dataset subfolders (``fashion-mnist/``, ...).
-2. Otherwise the base folder in the environment variable ``SF_EXT_DATA`` (when set), then
-   ``/usr/share/datasets/`` (where Debian's ``dataset-fashion-mnist`` package installs).
+1. ``root`` when given (a ``root=`` argument, ``--data-root``), and then only there: either the
+   dataset's own folder (the one holding the files) or a base folder that contains per-dataset
+   subfolders (``fashion-mnist/``, ...).
+2. Otherwise these base folders, in order, the first holding the dataset's files winning:
 
-In each base folder the dataset's usual subfolder names are tried before the base itself.
+   a. ``$SF_EXT_DATA`` when the variable is set;
+   b. ``shared/data`` beside the source checkout sf-ext runs from (``<checkout>/../shared/data``),
+      when sf-ext runs from a checkout and that folder exists;
+   c. ``/usr/share/datasets`` (where Debian's ``dataset-fashion-mnist`` package installs).
+
+In each base folder the dataset's usual subfolder names are tried before the base itself. When
+none holds the files, :class:`DatasetNotFoundError` lists every folder searched.
+:func:`resolve_dataset` turns a missing dataset into a fallback (scikit-learn's digits, which
+need no files) and says loudly that it did.
 """
 
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -26,8 +35,14 @@ from sf_ext.data.idx import read_idx_images_and_labels
 PathLike = Union[str, os.PathLike]
 Arrays = Tuple[np.ndarray, np.ndarray]
 
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming the base data folder.
 DATA_ROOT_ENV = "SF_EXT_DATA"
+#: Where Debian's dataset packages install (``dataset-fashion-mnist``).
 SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
+#: The source checkout sf-ext runs from, if it runs from one (``None`` for an installed wheel).
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 SPLITS = ("train", "test")
 
 EMNIST_NUM_CLASSES = {
@@ -102,14 +117,37 @@ def _to_images(pixels: np.ndarray) -> np.ndarray:
 # Locating files
 
 
+def checkout_data_root() -> Optional[Path]:
+    """``shared/data`` beside the source checkout sf-ext runs from, if there is one and it exists.
+
+    A checkout is recognised by its ``pyproject.toml`` next to the ``sf_ext`` package; an
+    installed wheel has none, and then this returns ``None``.
+    """
+    if not (_PACKAGE_PARENT / "pyproject.toml").is_file():
+        return None
+    folder = _PACKAGE_PARENT.parent / "shared" / "data"
+    return folder if folder.is_dir() else None
+
+
 def base_roots(root: Optional[PathLike] = None) -> List[Path]:
-    """Base folders searched for datasets: ``root`` alone if given, else env var then system."""
+    """Base folders searched for datasets, in order (see the module docstring for the rule).
+
+    Args:
+        root: An explicit folder; when given it is the only one searched.
+
+    Returns:
+        ``[root]``, or ``[$SF_EXT_DATA, <checkout>/../shared/data, /usr/share/datasets]`` without
+        the entries that do not apply (variable unset, not a checkout, folder absent).
+    """
     if root is not None:
         return [Path(root).expanduser()]
     roots = []
     env_root = os.environ.get(DATA_ROOT_ENV)
     if env_root:
         roots.append(Path(env_root).expanduser())
+    checkout = checkout_data_root()
+    if checkout is not None:
+        roots.append(checkout)
     roots.append(SYSTEM_DATA_ROOT)
     return roots
 
@@ -176,7 +214,11 @@ def load_mnist_idx(root: Optional[PathLike] = None, split: str = "train") -> Arr
     Looked for in ``<base>/mnist``, ``<base>/MNIST/raw`` (torchvision's layout), then ``<base>``.
     """
     _check_split(split)
-    folder = _find_folder(
+    return _load_idx_split(_mnist_folder(root), *MNIST_FILES[split])
+
+
+def _mnist_folder(root: Optional[PathLike]) -> Path:
+    return _find_folder(
         root,
         ["mnist", "MNIST/raw"],
         _idx_pair_finder(MNIST_FILES),
@@ -184,7 +226,6 @@ def load_mnist_idx(root: Optional[PathLike] = None, split: str = "train") -> Arr
         "Place train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
         "t10k-labels-idx1-ubyte (raw or .gz) in a folder named mnist/.",
     )
-    return _load_idx_split(folder, *MNIST_FILES[split])
 
 
 def load_fashion_mnist(root: Optional[PathLike] = None, split: str = "train") -> Arrays:
@@ -194,7 +235,11 @@ def load_fashion_mnist(root: Optional[PathLike] = None, split: str = "train") ->
     then ``<base>``.
     """
     _check_split(split)
-    folder = _find_folder(
+    return _load_idx_split(_fashion_mnist_folder(root), *MNIST_FILES[split])
+
+
+def _fashion_mnist_folder(root: Optional[PathLike]) -> Path:
+    return _find_folder(
         root,
         ["fashion-mnist", "fashion_mnist", "FashionMNIST/raw"],
         _idx_pair_finder(MNIST_FILES),
@@ -203,7 +248,6 @@ def load_fashion_mnist(root: Optional[PathLike] = None, split: str = "train") ->
         "and t10k-labels-idx1-ubyte.gz in a folder named fashion-mnist/, or install Debian's "
         "package dataset-fashion-mnist (it puts them in /usr/share/datasets/fashion-mnist/).",
     )
-    return _load_idx_split(folder, *MNIST_FILES[split])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,14 +280,7 @@ def load_emnist(subset: str, root: Optional[PathLike] = None, split: str = "trai
             f"EMNIST subset must be one of {sorted(EMNIST_NUM_CLASSES)}, got {subset!r}"
         )
     files = _emnist_files(subset)
-    folder = _find_folder(
-        root,
-        ["EMNIST/raw", "emnist", "emnist/raw"],
-        _idx_pair_finder(files),
-        f"EMNIST ({subset})",
-        f"Unzip the EMNIST 'gzip' archive so that {files['train'][0]}.gz and the other three "
-        f"{subset} files are in a folder EMNIST/raw/.",
-    )
+    folder = _emnist_folder(subset, root)
     x, y = _load_idx_split(folder, *files[split])
     # Stored column-major: swapping height and width makes the characters upright.
     x = np.ascontiguousarray(x.transpose(0, 1, 3, 2))
@@ -256,6 +293,18 @@ def load_emnist(subset: str, root: Optional[PathLike] = None, split: str = "trai
             f"[{y.min()}, {y.max()}]"
         )
     return x, y
+
+
+def _emnist_folder(subset: str, root: Optional[PathLike]) -> Path:
+    files = _emnist_files(subset)
+    return _find_folder(
+        root,
+        ["EMNIST/raw", "emnist", "emnist/raw"],
+        _idx_pair_finder(files),
+        f"EMNIST ({subset})",
+        f"Unzip the EMNIST 'gzip' archive so that {files['train'][0]}.gz and the other three "
+        f"{subset} files are in a folder EMNIST/raw/.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +342,17 @@ def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> Array
     pickles: only load files from a source you trust.
     """
     _check_split(split)
+    folder = _cifar10_folder(root)
+    names = CIFAR10_TRAIN_BATCHES if split == "train" else CIFAR10_TEST_BATCHES
+    parts = [_read_cifar_batch(folder / name) for name in names]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    return _to_images(x), y
+
+
+def _cifar10_folder(root: Optional[PathLike]) -> Path:
     all_batches = CIFAR10_TRAIN_BATCHES + CIFAR10_TEST_BATCHES
-    folder = _find_folder(
+    return _find_folder(
         root,
         [CIFAR10_FOLDER, "cifar10", f"cifar10/{CIFAR10_FOLDER}", "cifar-10"],
         lambda f: all((f / b).is_file() for b in all_batches),
@@ -302,11 +360,6 @@ def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> Array
         f"Extract cifar-10-python.tar.gz so that {CIFAR10_FOLDER}/ with data_batch_1..5 and "
         "test_batch is inside the data folder.",
     )
-    names = CIFAR10_TRAIN_BATCHES if split == "train" else CIFAR10_TEST_BATCHES
-    parts = [_read_cifar_batch(folder / name) for name in names]
-    x = np.concatenate([p[0] for p in parts])
-    y = np.concatenate([p[1] for p in parts])
-    return _to_images(x), y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +437,9 @@ def load_dataset(name: str, root: Optional[PathLike] = None, split: str = "train
     Args:
         name: ``mnist``, ``fashion-mnist``, ``cifar10``, ``emnist-<subset>`` (e.g.
             ``emnist-digits``) or ``digits`` (scikit-learn's, needs no files).
-        root: The dataset's folder or a base folder with per-dataset subfolders; defaults to
-            ``$SF_EXT_DATA`` and then ``/usr/share/datasets``. Ignored for ``digits``.
+        root: The dataset's folder or a base folder with per-dataset subfolders; by default the
+            folders of :func:`base_roots` are searched (``$SF_EXT_DATA``, ``shared/data`` beside
+            the checkout, ``/usr/share/datasets``). Ignored for ``digits``.
         split: ``train`` or ``test``.
 
     Raises:
@@ -404,3 +458,65 @@ def load_dataset(name: str, root: Optional[PathLike] = None, split: str = "train
     if key == "cifar10":
         return load_cifar10(root, split)
     return load_emnist(key[len("emnist-") :], root, split)
+
+
+def dataset_folder(name: str, root: Optional[PathLike] = None) -> Optional[Path]:
+    """The folder :func:`load_dataset` would read ``name`` from, without reading the data.
+
+    Args:
+        name: Any name :func:`load_dataset` accepts.
+        root: As for :func:`load_dataset`.
+
+    Returns:
+        The folder holding the dataset's files, or ``None`` for ``digits`` (no files needed).
+
+    Raises:
+        ValueError: Unknown name.
+        DatasetNotFoundError: The files are in none of the searched folders.
+    """
+    key = _canonical(name)
+    if key == "digits":
+        return None
+    if key == "mnist":
+        return _mnist_folder(root)
+    if key == "fashion-mnist":
+        return _fashion_mnist_folder(root)
+    if key == "cifar10":
+        return _cifar10_folder(root)
+    return _emnist_folder(key[len("emnist-") :], root)
+
+
+def resolve_dataset(name: str, root: Optional[PathLike] = None, fallback: str = "digits") -> str:
+    """``name`` when its files can be found, otherwise ``fallback``, announced loudly.
+
+    The switch is logged as a warning (logger ``sf_ext.data.loaders``, with every folder searched)
+    and printed as one line on stdout, so that a result computed on the fallback is never mistaken
+    for one on the requested dataset.
+
+    Args:
+        name: The dataset wanted.
+        root: As for :func:`load_dataset`.
+        fallback: The dataset to use instead; it must need no files or have them (``digits``
+            always works offline).
+
+    Returns:
+        The canonical name of the dataset to load.
+
+    Raises:
+        ValueError: ``name`` or ``fallback`` is unknown.
+        DatasetNotFoundError: Neither dataset's files can be found.
+    """
+    key = _canonical(name)
+    fallback_key = _canonical(fallback)
+    try:
+        dataset_folder(key, root)
+        return key
+    except DatasetNotFoundError as missing:
+        dataset_folder(fallback_key, root)
+        headline = (
+            f"sf-ext: dataset {key!r} not found, USING {fallback_key!r} INSTEAD "
+            f"(results are on {fallback_key}, not {key})"
+        )
+        logger.warning("%s.\n%s", headline, missing)
+        print(f"{headline}; set {DATA_ROOT_ENV} or pass a data root to use {key}.", flush=True)
+        return fallback_key

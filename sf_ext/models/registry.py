@@ -4,6 +4,7 @@ from typing import Dict, List, Type
 
 from torch import nn
 
+from sf_ext.models.resnet import ResNet18
 from sf_ext.models.vision import MLP, VGG9, ConvNet, DLGLeNet, LeNet
 
 MODELS: Dict[str, Type[nn.Module]] = {
@@ -12,6 +13,7 @@ MODELS: Dict[str, Type[nn.Module]] = {
     "dlg-lenet": DLGLeNet,
     "vgg9": VGG9,
     "mlp": MLP,
+    "resnet18": ResNet18,
 }
 
 
@@ -42,7 +44,7 @@ def build_model(
     """Instantiate a registered model for the given input shape and class count.
 
     Args:
-        name: ``convnet``, ``lenet``, ``dlg-lenet``, ``vgg9`` or ``mlp``.
+        name: ``convnet``, ``lenet``, ``dlg-lenet``, ``vgg9``, ``mlp`` or ``resnet18``.
         in_channels: Input channels.
         image_size: Input height and width.
         num_classes: Output classes.

@@ -5,12 +5,22 @@
 below), so ``pickle``/``cloudpickle`` send it by reference and any process (SecretFlow's
 production mode runs one per party) rebuilds the same class on unpickling. SecretFlow is imported
 only when a class is built.
+
+The derived class also replaces ``BaseModule``'s weight transport with sf-ext's
+(:func:`sf_ext.params.export_weights` / :func:`~sf_ext.params.import_weights`), which SecretFlow
+calls for every strategy (``fed_avg_w`` included): BatchNorm's integer ``num_batches_tracked`` and
+any 0-d entry travel as float arrays of shape ``(1,)`` (SecretFlow 1.11's ``SecureAggregator``
+refuses both), and ``skip_bn=True`` keeps every BatchNorm layer local wherever it sits in the model
+(SecretFlow 1.11 only recognizes top-level BatchNorm attributes, and loads the remaining weights
+into the wrong entries when a BatchNorm layer is not last).
 """
 
 import importlib
 from typing import Dict, Type
 
 from torch import nn
+
+from sf_ext.params import export_weights, import_weights, transported_names
 
 # Between the readable prefix and the hex-encoded "module:qualname" of the wrapped class.
 _NAME_SEPARATOR = "__sf_"
@@ -53,6 +63,31 @@ def __getattr__(name: str):
     return as_secretflow_module(model_cls)
 
 
+def _state_subset(module: nn.Module, skip_bn: bool) -> dict:
+    state = module.state_dict()
+    return {n: state[n].detach().cpu().clone() for n in transported_names(module, skip_bn)}
+
+
+def _get_weights(self, return_numpy=False):
+    """Weight list for SecretFlow (numpy) or a name -> tensor copy (``return_numpy=False``)."""
+    return export_weights(self) if return_numpy else _state_subset(self, skip_bn=False)
+
+
+def _update_weights(self, weights):
+    """Load a weight list from :meth:`get_weights` (or a name -> array mapping)."""
+    import_weights(self, weights)
+
+
+def _get_weights_not_bn(self, return_numpy=False):
+    """As :meth:`get_weights` without any BatchNorm layer's tensors (they stay local)."""
+    return export_weights(self, skip_bn=True) if return_numpy else _state_subset(self, True)
+
+
+def _update_weights_not_bn(self, weights):
+    """Load a weight list from :meth:`get_weights_not_bn`; BatchNorm tensors are left alone."""
+    import_weights(self, weights, skip_bn=True)
+
+
 def as_secretflow_module(model_cls: Type[nn.Module]) -> type:
     """Return a subclass of SecretFlow's ``BaseModule`` and ``model_cls`` for ``TorchModel``.
 
@@ -69,7 +104,8 @@ def as_secretflow_module(model_cls: Type[nn.Module]) -> type:
     ``BaseModule`` first would break every model with constructor arguments.
 
     The result is cached: repeated calls with one class return one derived class. A class that
-    already derives from ``BaseModule`` is returned unchanged.
+    already derives from ``BaseModule`` gets the same fixed weight transport (see the module
+    docstring); ``BaseModule`` itself is returned unchanged.
 
     Raises:
         TypeError: ``model_cls`` is not an ``nn.Module`` subclass.
@@ -82,7 +118,7 @@ def as_secretflow_module(model_cls: Type[nn.Module]) -> type:
 
     from secretflow_fl.ml.nn.core.torch import BaseModule
 
-    if issubclass(model_cls, BaseModule):
+    if model_cls is BaseModule or getattr(model_cls, "_sf_ext_transport", False):
         return model_cls
 
     def __init__(self, *args, **kwargs):
@@ -103,6 +139,11 @@ def as_secretflow_module(model_cls: Type[nn.Module]) -> type:
     namespace = {
         "__init__": __init__,
         "_get_name": _get_name,
+        "_sf_ext_transport": True,
+        "get_weights": _get_weights,
+        "update_weights": _update_weights,
+        "get_weights_not_bn": _get_weights_not_bn,
+        "update_weights_not_bn": _update_weights_not_bn,
         "__module__": __name__,
         "__qualname__": name if _importable(model_cls) else f"<locals>.{name}",
         "__doc__": model_cls.__doc__,

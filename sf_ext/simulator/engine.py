@@ -11,21 +11,23 @@ Every round is seeded from ``(seed, round)`` alone, so a run resumed from its pe
 continues exactly as if it had never stopped.
 """
 
-import inspect
 import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from sf_ext.aggregators.server import server_options
+from sf_ext.aggregators.registry import call_rule, get_rule
+from sf_ext.aggregators.server import ServerContext
+from sf_ext.attacks.registry import AttackContext, get_attack, run_update_attack
 from sf_ext.attacks.targeted import attacker_indices, backdoor_behaviour, finish_backdoor_update
 from sf_ext.params import ParamLayout
-from sf_ext.simulator.config import ADAPTIVE, TARGETED, UNTARGETED, SimulationConfig
+from sf_ext.simulator.config import SimulationConfig
 from sf_ext.simulator.data import FederatedData, build_federated_data
 from sf_ext.simulator.training import ClientPlan, LocalTrainer
 
@@ -110,15 +112,23 @@ class Simulator:
             device=config.device,
         )
         self.batched = self._resolve_batched(config.batched)
+        self.rule = get_rule(config.aggregator)
+        self.attack_spec = get_attack(config.attack) if config.attack else None
         self.attacker_pool = self._attacker_pool()
         self.behaviour = (
             backdoor_behaviour(config.attack, self.data.input_shape, **config.attack_options)
-            if config.attack in TARGETED
+            if self.attack_spec is not None and self.attack_spec.kind == "backdoor"
             else None
+        )
+        self.warnings = self._tolerance_warnings()
+        # FLTrust-style rules: the server trains on a small clean root set every round.
+        self.root_indices = (
+            self._root_indices() if "root_update" in self.rule.needed(self.options()) else None
         )
         self.global_params = self._initial_params(pretrained_cache)
         self.round = 0
         self.history: List[Dict[str, Any]] = []
+        self.rule_state: Dict[str, Any] = {}  # memory of stateful rules, checkpointed
         self._attack_info: Dict[str, Any] = {}  # what a searched attack found this round
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
@@ -146,6 +156,45 @@ class Simulator:
                 cfg.attackers_per_round(), int(round(cfg.attacker_fraction * cfg.num_clients))
             )
         return np.sort(rng.choice(cfg.num_clients, size=size, replace=False))
+
+    def options(self) -> Dict[str, Any]:
+        """The aggregator's options for this run (``f: auto`` resolved)."""
+        cfg = self.config
+        options = dict(cfg.aggregator_options)
+        if options.get("f") == "auto":
+            # Rules that take f are told the number of attackers per round, capped at what the
+            # rule can be configured with (Krum: (n - 3) // 2, Bulyan: (n - 3) // 4).
+            f = cfg.attackers_per_round()
+            if self.rule.tolerates is not None:
+                n = cfg.clients_per_round
+                f = min(f, int(self.rule.tolerates(n, {"f": n})))
+            options["f"] = max(0, f)
+        return options
+
+    def _tolerance_warnings(self) -> List[str]:
+        """A rule configured below the attack it faces says so before the run starts."""
+        cfg = self.config
+        attackers = cfg.attackers_per_round()
+        if not attackers or self.rule.tolerates is None:
+            return []
+        tolerated = int(self.rule.tolerates(cfg.clients_per_round, self.options()))
+        if attackers <= tolerated:
+            return []
+        message = (
+            f"{cfg.aggregator} with options {cfg.aggregator_options or '{}'} tolerates at most "
+            f"{tolerated} attackers among {cfg.clients_per_round} clients per round, but "
+            f"{attackers} attack ({cfg.attack}): expect it to fail"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return [message]
+
+    def _root_indices(self) -> np.ndarray:
+        """The server's root dataset: ``root_size`` clean training rows, drawn once per run."""
+        cfg = self.config
+        clean = self.data.clean_indices()
+        rng = np.random.default_rng(round_seed(cfg.seed, -1, 4))
+        size = min(cfg.root_size, len(clean))
+        return np.sort(rng.choice(clean, size=size, replace=False))
 
     def _initial_params(self, cache_dir: Optional[str]) -> torch.Tensor:
         cfg = self.config
@@ -192,6 +241,7 @@ class Simulator:
         self.global_params = state["global_params"].to(self.device)
         self.round = int(state["round"])
         self.history = list(state["history"])
+        self.rule_state = state.get("rule_state", {})
 
     def _checkpoint(self) -> None:
         if not self.out_dir:
@@ -201,6 +251,7 @@ class Simulator:
             "round": self.round,
             "global_params": self.global_params.cpu(),
             "history": self.history,
+            "rule_state": self.rule_state,
         }
         _atomic_save(state, os.path.join(self.out_dir, CHECKPOINT))
         with open(os.path.join(self.out_dir, METRICS), "a") as handle:
@@ -242,85 +293,71 @@ class Simulator:
                 plan.pgd_every = beh.pgd_every
                 plan.lr = lr if beh.lr is None else beh.lr * cfg.lr_decay**self.round
                 plan.epochs = cfg.local_epochs if beh.local_epochs is None else beh.local_epochs
-            elif attacker and self._attack_ignores_training():
+            elif attacker and self.attack_spec.ignores_training(cfg.attack_options):
                 plan.steps = 0
             plans.append(plan)
         return plans
-
-    def _attack_ignores_training(self) -> bool:
-        """Whether the attack replaces the honest update outright (its training is skipped)."""
-        cfg = self.config
-        if cfg.attack == "gaussian":
-            return not cfg.attack_options.get("additive", False)
-        return cfg.attack == "same_value"
 
     def _attack_updates(self, updates, is_attacker, num_samples, generator):
         cfg = self.config
         mask = torch.as_tensor(is_attacker)
         if not bool(mask.any()):
             return updates
-        if cfg.attack in UNTARGETED or cfg.attack in ADAPTIVE:
-            from sf_ext.attacks import UPDATE_ATTACKS
-
-            fn = UPDATE_ATTACKS[cfg.attack]
-            # What an attacker may know: the global model and, for the adaptive attack, the
-            # architecture the server maps updates through.
-            extras = {
-                "global_params": self.global_params.cpu(),
-                "generator": generator,
-                "model": self.server_model,
-                "input_shape": self.data.input_shape,
-                "layout": self.layout,
-            }
-            if "return_details" in inspect.signature(fn).parameters:
-                # Searched attacks report what they found (the adaptive attack's lambda).
-                out, info = fn(
-                    updates,
-                    mask,
-                    **server_options(fn, {}, **extras),
-                    return_details=True,
-                    **cfg.attack_options,
-                )
-                self._attack_info = {"attack_lambda": info.lam}
-                return out
-            return fn(updates, mask, **server_options(fn, {}, **extras), **cfg.attack_options)
-        if self.behaviour is not None and (
-            self.behaviour.model_replacement or self.behaviour.pgd_radius is not None
-        ):
+        if self.attack_spec.kind == "update":
+            # What an attacker may know: the global model, the round's sample counts and, for
+            # the adaptive attack, the architecture the server maps updates through.
+            context = AttackContext(
+                global_params=self.global_params.cpu(),
+                generator=generator,
+                model=self.server_model,
+                input_shape=self.data.input_shape,
+                layout=self.layout,
+                num_samples=num_samples,
+            )
+            out, info = run_update_attack(cfg.attack, updates, mask, context, **cfg.attack_options)
+            self._attack_info = info
+            return out
+        beh = self.behaviour
+        if beh.model_replacement or beh.boost is not None or beh.pgd_radius is not None:
             total = float(num_samples.sum())
             out = updates.clone()
             for i in torch.nonzero(mask).reshape(-1).tolist():
-                out[i] = finish_backdoor_update(
-                    updates[i], self.behaviour, total, float(num_samples[i])
-                )
+                out[i] = finish_backdoor_update(updates[i], beh, total, float(num_samples[i]))
             return out
         return updates
 
-    def aggregator_options(self, generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
-        """The configured options plus what the server knows (layout, model, round, global
-        model, a seeded random generator), passed to aggregators that take them."""
-        from sf_ext.aggregators import get_aggregator
-
-        cfg = self.config
-        options = dict(cfg.aggregator_options)
-        if options.get("f") == "auto":
-            # Krum-style rules are told the number of attackers, within what they can tolerate.
-            n = cfg.clients_per_round
-            options["f"] = max(0, min(cfg.attackers_per_round(), (n - 3) // 2))
-        return server_options(
-            get_aggregator(cfg.aggregator),
-            options,
+    def server_context(self, clients, generator=None, root_update=None) -> ServerContext:
+        """What the server knows this round: layout, model, round, global model, a seeded random
+        generator, the clients' ids, the rule's memory and (FLTrust) its root update."""
+        return ServerContext(
             layout=self.layout,
+            global_params=self.global_params.cpu(),
             model=self.server_model,
             input_shape=self.data.input_shape,
             round_index=self.round,
-            global_params=self.global_params.cpu(),
             generator=generator,
+            client_ids=[int(c) for c in clients],
+            state=self.rule_state,
+            root_update=root_update,
         )
+
+    def _root_update(self) -> Optional[torch.Tensor]:
+        if self.root_indices is None:
+            return None
+        cfg = self.config
+        plan = ClientPlan(
+            indices=self.root_indices,
+            lr=self.current_lr(),
+            epochs=cfg.local_epochs,
+            steps=cfg.local_steps,
+        )
+        rng = np.random.default_rng(round_seed(cfg.seed, self.round, 4))
+        weights = self.trainer.train(self.global_params, [plan], rng, batched=False)
+        return (weights[0] - self.global_params).cpu()
 
     def run_round(self) -> Dict[str, Any]:
         """Play one round and return its metrics (also appended to ``history``)."""
-        from sf_ext.aggregators import aggregate
+        from sf_ext.aggregators._validate import NonFiniteAggregate
         from sf_ext.aggregators.report import detection_rates
 
         cfg = self.config
@@ -336,18 +373,19 @@ class Simulator:
         t_train = time.perf_counter()
         updates = self._attack_updates(updates, is_attacker, num_samples, generator)
         agg_generator = torch.Generator().manual_seed(round_seed(cfg.seed, self.round, 2))
-        options = self.aggregator_options(agg_generator)
+        context = self.server_context(clients, agg_generator, self._root_update())
         # In case an aggregator draws from the global generator instead: seed it per round too.
         torch.manual_seed(round_seed(cfg.seed, self.round, 3))
-        diverged, divergence = False, ""
+        diverged, divergence, update_norm = False, "", math.nan
         try:
-            agg, report = aggregate(cfg.aggregator, updates, num_samples, **options)
-            new_global = self.global_params + cfg.server_lr * agg.to(self.device)
+            agg, report = call_rule(cfg.aggregator, updates, num_samples, context, **self.options())
+            step = cfg.server_lr * agg.to(self.device)
+            new_global = self.global_params + step
             diverged = not bool(torch.isfinite(new_global).all())
-        except ValueError as exc:
-            if torch.isfinite(updates).all():
-                raise
-            # Plain FedAvg refuses non-finite updates: the attack has blown the model up.
+            update_norm = float(step.double().norm())
+        except NonFiniteAggregate as exc:
+            # A rule without screening (FedAvg) met NaN/inf updates or overflowed: the attack
+            # has blown the model up.
             report, new_global, diverged = None, torch.full_like(self.global_params, math.nan), True
             divergence = str(exc)
         t_agg = time.perf_counter()
@@ -359,14 +397,18 @@ class Simulator:
             "attackers": is_attacker.astype(int).tolist(),
             "n_attackers": int(is_attacker.sum()),
             "diverged": diverged,
+            "update_norm": update_norm,
         }
         if divergence:
             record["divergence"] = divergence
         record.update(self._attack_info)
         if report is not None:
-            rates = detection_rates(report, is_attacker)
-            record.update({k: rates[k] for k in ("tpr", "fpr", "tp", "fp", "fn", "tn")})
+            record["all_screened"] = bool(report.details.get("all_screened", False))
+            record["n_screened"] = int(report.non_finite.sum())
             record["n_kept"] = report.num_kept
+            rates = detection_rates(report, is_attacker)
+            if rates["applicable"]:
+                record.update({k: rates[k] for k in ("tpr", "fpr", "tp", "fp", "fn", "tn")})
         last = self.round + 1 == cfg.rounds
         if diverged or last or (self.round + 1) % cfg.eval_every == 0:
             record.update(self.evaluate())
@@ -448,15 +490,29 @@ class Simulator:
     def _summary(self, played: int, elapsed: float) -> Dict[str, Any]:
         evaluated = [h for h in self.history if "accuracy" in h]
         final = dict(evaluated[-1]) if evaluated else {}
+        diverged = bool(self.history and self.history[-1]["diverged"])
+        stalled_from = _stalled_from(self.history)
         summary = {
             "rounds_played": self.round,
-            "diverged": bool(self.history and self.history[-1]["diverged"]),
+            "diverged": diverged,
+            "stalled": stalled_from is not None,
+            "stalled_from_round": stalled_from,
+            "status": "diverged" if diverged else ("stalled" if stalled_from is not None else "ok"),
+            "no_change_rounds": sum(1 for h in self.history if _no_change(h)),
             "accuracy": final.get("accuracy", math.nan),
             "backdoor_accuracy": final.get("backdoor_accuracy", math.nan),
+            "accuracy_min": min((h["accuracy"] for h in evaluated), default=math.nan),
+            "backdoor_accuracy_max": max(
+                (h["backdoor_accuracy"] for h in evaluated if "backdoor_accuracy" in h),
+                default=math.nan,
+            ),
             "seed": self.config.seed,
             "batched": self.batched,
             "rounds_per_second": played / elapsed if elapsed > 0 and played else math.nan,
+            "selects": self.rule.selects,
+            "warnings": list(self.warnings),
         }
+        # Detection rates only for rules that select clients; nan (shown as n/a) otherwise.
         with_attackers = [h for h in self.history if h.get("n_attackers", 0) and "tp" in h]
         tp = sum(h["tp"] for h in with_attackers)
         fn = sum(h["fn"] for h in with_attackers)
@@ -468,6 +524,25 @@ class Simulator:
         tail = [h["accuracy"] for h in evaluated[-3:]]
         summary["accuracy_last3_mean"] = float(np.mean(tail)) if tail else math.nan
         return summary
+
+
+def _no_change(record: Dict[str, Any]) -> bool:
+    """A round that left the global model exactly as it was (every update screened, an empty
+    selection or a zero aggregate)."""
+    return bool(record.get("all_screened")) or record.get("update_norm") == 0.0
+
+
+def _stalled_from(history: List[Dict[str, Any]], min_rounds: int = 2) -> Optional[int]:
+    """First round of the trailing run of no-change rounds, when the run ends frozen: at least
+    ``min_rounds`` such rounds (or every round, for shorter runs) up to the last one."""
+    trailing = 0
+    for record in reversed(history):
+        if not _no_change(record):
+            break
+        trailing += 1
+    if trailing and trailing >= min(min_rounds, len(history)):
+        return int(history[-trailing]["round"])
+    return None
 
 
 def _postfix(record: Dict[str, Any]) -> Dict[str, str]:

@@ -18,6 +18,7 @@ attack (the FedAvg* reference). Cells with identical settings are run once and s
 """
 
 import copy
+import difflib
 import json
 import os
 import re
@@ -26,10 +27,11 @@ from typing import Any, Dict, List
 
 from sf_ext.simulator.config import SimulationConfig
 
-__all__ = ["Cell", "ExperimentGrid", "load_grid"]
+__all__ = ["Cell", "ExperimentGrid", "load_grid", "merge_settings"]
 
 _MERGED = ("aggregator_options", "attack_options", "model_options", "backdoor")
 _META = ("label", "clean")
+_SECTIONS = ("name", "description", "base", "rows", "columns", "sweep_x")
 
 
 @dataclass
@@ -66,26 +68,27 @@ class ExperimentGrid:
         out = []
         for r, row in enumerate(self.rows):
             for c, column in enumerate(self.columns):
-                settings = _merge(self.base, row, column, overrides or {})
+                settings = merge_settings(self.base, row, column, overrides or {}, skip=_META)
                 if row.get("clean") or column.get("clean"):
                     settings.update(attack=None, attacker_fraction=0.0, attack_options={})
-                out.append(
-                    Cell(
-                        row=r,
-                        column=c,
-                        row_label=str(row.get("label", f"row {r}")),
-                        column_label=str(column.get("label", f"column {c}")),
-                        config=SimulationConfig.from_dict(settings),
-                    )
-                )
+                row_label = str(row.get("label", f"row {r}"))
+                column_label = str(column.get("label", f"column {c}"))
+                try:
+                    config = SimulationConfig.from_dict(settings)
+                except ValueError as exc:
+                    raise ValueError(f"{self.name}, cell ({row_label}, {column_label}): {exc}")
+                out.append(Cell(r, c, row_label, column_label, config))
         return out
 
 
-def _merge(*layers: Dict[str, Any]) -> Dict[str, Any]:
+def merge_settings(*layers: Dict[str, Any], skip=()) -> Dict[str, Any]:
+    """Layers of simulation settings, later ones winning; dict settings (``aggregator_options``,
+    ``attack_options``, ``model_options``, ``backdoor``) are merged key by key. Keys in ``skip``
+    (labels and other metadata) are left out."""
     out: Dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if key in _META:
+            if key in skip:
                 continue
             if key in _MERGED and isinstance(value, dict) and isinstance(out.get(key), dict):
                 merged = dict(out[key])
@@ -108,6 +111,19 @@ def load_grid(path: str) -> ExperimentGrid:
         spec = json.loads(text)
     if not isinstance(spec, dict) or "rows" not in spec or "columns" not in spec:
         raise ValueError(f"{path}: an experiment needs 'rows' and 'columns'")
+    for key in spec:
+        if key not in _SECTIONS:
+            close = difflib.get_close_matches(str(key), _SECTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{path}: unknown section {key!r}{hint}; sections: {list(_SECTIONS)}")
+    for section in ("rows", "columns"):
+        if not isinstance(spec[section], list) or not spec[section]:
+            raise ValueError(f"{path}: {section!r} must be a non-empty list of mappings")
+        for i, item in enumerate(spec[section]):
+            if not isinstance(item, dict):
+                raise ValueError(f"{path}: {section}[{i}] must be a mapping, got {item!r}")
+    if not isinstance(spec.get("base", {}), dict):
+        raise ValueError(f"{path}: 'base' must be a mapping of simulation settings")
     return ExperimentGrid(
         name=str(spec.get("name", os.path.splitext(os.path.basename(path))[0])),
         base=dict(spec.get("base", {})),

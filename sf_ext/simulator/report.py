@@ -24,6 +24,7 @@ CSV_FIELDS = (
     "backdoor_accuracy_max",
     "tpr",
     "fpr",
+    "status",
     "diverged",
     "rounds_played",
     "seed",
@@ -45,14 +46,6 @@ def write_csv(path: str, cells: Sequence[Cell], results: Dict[str, Dict[str, Any
         for cell in cells:
             result = results.get(cell.key, {})
             final = dict(result.get("final", {}))
-            # The worst round matters too, not only the last one.
-            history = result.get("history", [])
-            accuracies = [h["accuracy"] for h in history if h.get("accuracy") is not None]
-            peaks = [
-                h["backdoor_accuracy"] for h in history if h.get("backdoor_accuracy") is not None
-            ]
-            final["accuracy_min"] = min(accuracies) if accuracies else None
-            final["backdoor_accuracy_max"] = max(peaks) if peaks else None
             cfg = cell.config
             writer.writerow(
                 {
@@ -61,7 +54,7 @@ def write_csv(path: str, cells: Sequence[Cell], results: Dict[str, Dict[str, Any
                     "aggregator": cfg.aggregator,
                     "attack": cfg.attack or "",
                     "attacker_fraction": cfg.attacker_fraction,
-                    **{k: _fmt(final.get(k)) for k in CSV_FIELDS[5:16]},
+                    **{k: _fmt(final.get(k)) for k in CSV_FIELDS[5:17]},
                     "cell": cell.key,
                 }
             )
@@ -100,6 +93,8 @@ def markdown_tables(
                 text += " / " + _pct(final.get("backdoor_accuracy"))
             if final.get("diverged"):
                 text += " (div.)"
+            elif final.get("stalled"):
+                text += " (stalled)"
             entries.append(text)
         lines.append(f"| {row.get('label', r)} | " + " | ".join(entries) + " |")
     lines += ["", f"### {grid.name}: detection TPR / FPR (%) against the known attackers", ""]
@@ -108,7 +103,10 @@ def markdown_tables(
         entries = []
         for c in range(len(grid.columns)):
             final = results.get(by_pos[(r, c)].key, {}).get("final") or {}
-            entries.append(f"{_pct(final.get('tpr'))} / {_pct(final.get('fpr'))}")
+            if final and final.get("selects") is False:
+                entries.append("n/a")  # the rule never selects clients: no detection to rate
+            else:
+                entries.append(f"{_pct(final.get('tpr'))} / {_pct(final.get('fpr'))}")
         lines.append(f"| {row.get('label', r)} | " + " | ".join(entries) + " |")
     return "\n".join(lines) + "\n"
 

@@ -76,6 +76,11 @@ def run_grid(
     unique = _unique(cells)
     wanted = [part for part in (only or "").split(",") if part]
     todo = {k: c for k, c in unique.items() if not wanted or any(w in k for w in wanted)}
+    if wanted and not todo:
+        raise ValueError(
+            f"--only {only!r} matches no cell of {grid.name}; cell keys look like "
+            f"{sorted(unique)[:3]} (see --list)"
+        )
     cache_dir = os.path.join(out, "pretrained")
     with open(os.path.join(out, "grid.json"), "w") as handle:
         json.dump(
@@ -146,16 +151,20 @@ def _parse_overrides(items: List[str]) -> Dict[str, Any]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sf-ext simulate",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("config", help="experiment file (.yaml/.yml/.json)")
-    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--out", help="output folder (resumable; required unless --list)")
     parser.add_argument("--device", help="override the device (cpu, cuda)")
     parser.add_argument("--seed", type=int, help="override the seed of every cell")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
@@ -168,17 +177,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ray", action="store_true", help="spread the cells over Ray")
     parser.add_argument("--ray-address", help="address of an existing Ray cluster")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cell")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
-    args = parser.parse_args(argv)
+    return parser
 
-    grid = load_grid(args.config)
-    overrides = _parse_overrides(args.set)
-    for name in ("device", "seed", "rounds"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.list and not args.out:
+        parser.error("--out is required (the folder where results go)")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if not os.path.exists(args.config):
+        parser.error(f"experiment file not found: {args.config}")
+    try:
+        grid = load_grid(args.config)
+        overrides = _parse_overrides(args.set)
+        for name in ("device", "seed", "rounds"):
+            if getattr(args, name) is not None:
+                overrides[name] = getattr(args, name)
+        cells = grid.cells(overrides)  # validates every cell before anything runs
+        unique = _unique(cells)
+        wanted = [part for part in (args.only or "").split(",") if part]
+        if wanted and not any(w in key for key in unique for w in wanted):
+            raise ValueError(
+                f"--only {args.only!r} matches no cell of {grid.name} (see --list for the keys)"
+            )
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.list:
-        for key, cell in _unique(grid.cells(overrides)).items():
+        for key, cell in unique.items():
             print(f"{key}\t{cell.row_label}\t{cell.column_label}")
         return 0
     run_grid(
