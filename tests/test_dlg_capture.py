@@ -148,3 +148,29 @@ def test_sweep_attacks_a_captured_upload_as_sent(pruned_plain, tmp_path):
     assert {r["attack"] for r in result.rows} == {"idlg", "multistep"}
     assert all(r["pruned_percent"] == pytest.approx(50.0, abs=1) for r in result.rows)
     assert len(result.rows) == 4
+
+
+def test_recording_plain_aggregator_averages_masked_uploads_over_their_keepers():
+    from sf_ext.aggregators.masking import MaskAwareAggregate, is_mask_aware
+    from sf_ext.dlg.capture import RecordingPlainAggregator, _plain_mask_aware_mean
+    from sf_ext.pruning import MaskedWeights
+
+    assert is_mask_aware(RecordingPlainAggregator.__new__(RecordingPlainAggregator))
+    a = MaskedWeights(
+        [np.array([1.0, 2.0, 3.0], np.float32), np.array([5.0], np.float32)],
+        [np.array([1, 0, 1], bool), None],
+    )
+    b = MaskedWeights(
+        [np.array([3.0, 4.0, 0.0], np.float32), np.array([7.0], np.float32)],
+        [np.array([1, 1, 0], bool), None],
+    )
+    out = _plain_mask_aware_mean(a, b, weights=[1.0, 3.0])
+    assert isinstance(out, MaskAwareAggregate)
+    # coordinate 0 both kept (weighted 1:3), 1 only b, 2 only a; the unmasked tensor: plain mean.
+    np.testing.assert_allclose(out[0], [2.5, 4.0, 3.0])
+    np.testing.assert_allclose(out[1], [6.5])
+    assert out[0].dtype == np.float32
+    nobody = MaskedWeights([np.array([9.0], np.float32)], [np.array([0], bool)])
+    assert _plain_mask_aware_mean(nobody, nobody, weights=None)[0].tolist() == [0.0]
+    plain = _plain_mask_aware_mean([np.array([1.0])], [np.array([4.0])], weights=[2, 1])
+    np.testing.assert_allclose(plain[0], [2.0])

@@ -42,8 +42,13 @@ from secretflow_fl.ml.nn.fl.backend.torch.strategy.fed_avg_w import FedAvgW
 from secretflow_fl.ml.nn.fl.strategy_dispatcher import _strategy_dispatcher, register_strategy
 
 from sf_ext.aggregators.secure_prune import SecurePruneAggregator
-from sf_ext.dlg.captured import ROUND_FILE, ServerRecord, class_path, save_capture
-from sf_ext.dlg.captured import save_server_record
+from sf_ext.dlg.captured import (
+    ROUND_FILE,
+    ServerRecord,
+    class_path,
+    save_capture,
+    save_server_record,
+)
 from sf_ext.strategies.fed_avg_w_prune import FedAvgWPrune
 
 CAPTURE_SUFFIX = "_capture"
@@ -288,10 +293,47 @@ class _ServerRecorder:
         return armed
 
 
+def _plain_mask_aware_mean(*uploads, weights):
+    """Sample-weighted mean of weight lists, per coordinate over the clients that kept it.
+
+    Uploads without masks (``fed_avg_w``) give exactly ``numpy.average``; a coordinate nobody
+    kept comes out as 0.
+    """
+    from sf_ext.aggregators.masking import MaskAwareAggregate
+
+    shares = np.ones(len(uploads)) if weights is None else np.asarray(weights, dtype=np.float64)
+    result = []
+    for index, elements in enumerate(zip(*uploads)):
+        stacked = np.stack([np.asarray(e, dtype=np.float64) for e in elements])
+        masks = [getattr(u, "masks", None) for u in uploads]
+        if all(m is None or m[index] is None for m in masks):
+            mean = np.average(stacked, axis=0, weights=shares)
+        else:
+            keep = np.stack(
+                [
+                    np.ones(stacked.shape[1:]) if m is None or m[index] is None else m[index]
+                    for m in masks
+                ]
+            ).astype(np.float64)
+            share = np.tensordot(shares, keep, axes=1)
+            total = np.tensordot(shares, keep * stacked, axes=1)
+            mean = np.where(share > 0, total / np.where(share > 0, share, 1.0), 0.0)
+        result.append(mean.astype(np.asarray(elements[0]).dtype))
+    return MaskAwareAggregate(result, "RecordingPlainAggregator")
+
+
 class RecordingPlainAggregator(_ServerRecorder, PlainAggregator):
-    """SecretFlow's ``PlainAggregator``; when armed, keeps every client's upload."""
+    """A plaintext aggregator; when armed, keeps every client's upload.
+
+    The server sees every client's upload in plaintext. Unlike SecretFlow's ``PlainAggregator`` it
+    is mask-aware: a ``fed_avg_w_prune`` upload (:class:`~sf_ext.pruning.MaskedWeights`) is
+    averaged per coordinate over the clients that kept it, as ``SecurePruneAggregator`` does, so
+    "pruning without secure aggregation" trains the same model as with it. Uploads without masks
+    give SecretFlow's sample-weighted mean.
+    """
 
     kind = "plain"
+    mask_aware = True
 
     def average(self, data, axis=None, weights=None):
         if self._armed_now():
@@ -301,7 +343,14 @@ class RecordingPlainAggregator(_ServerRecorder, PlainAggregator):
                 weights=_revealed_weights(weights),
                 tensors={d.device.party: _revealed_list(d) for d in data},
             )
-        return super().average(data, axis=axis, weights=weights)
+        if axis not in (None, 0):
+            raise ValueError(
+                f"RecordingPlainAggregator averages over clients only, got axis={axis}"
+            )
+        data = [d.to(self.device) for d in data]
+        if isinstance(weights, (list, tuple)):
+            weights = [w.to(self.device) if hasattr(w, "to") else w for w in weights]
+        return self.device(_plain_mask_aware_mean)(*data, weights=weights)
 
 
 class RecordingSecureAggregator(_ServerRecorder, SecureAggregator):

@@ -15,9 +15,9 @@ import sys
 from typing import List, Optional, Sequence
 
 from sf_ext.dlg.flags import add_dataclass_arguments, dataclass_from_args
-from sf_ext.dlg.settings import AGGREGATORS, STRATEGIES, FLSetting
 from sf_ext.dlg.labels import LABEL_METHODS
 from sf_ext.dlg.options import DISTANCES
+from sf_ext.dlg.settings import AGGREGATORS, STRATEGIES, FLSetting
 from sf_ext.dlg.sweep import ATTACKERS, DEFAULT_PRUNED, SOURCES, SweepConfig
 
 QUICK_ITERS = 50

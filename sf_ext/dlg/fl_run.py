@@ -19,16 +19,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
-
 import secretflow as sf
+import torch
 from secretflow.device import global_state
 from secretflow_fl.ml.nn import FLModel
 from secretflow_fl.ml.nn.callbacks.callback import Callback
 from secretflow_fl.ml.nn.core.torch import TorchModel, metric_wrapper, optim_wrapper
 from torch import nn
 from torchmetrics import Accuracy
+from tqdm.auto import tqdm
 
 from sf_ext.dlg.capture import (
     CAPTURE_SUFFIX,

@@ -1,7 +1,7 @@
 """Figures of a DLG sweep: reconstruction grids and PSNR against pruning rate (matplotlib, Agg)."""
 
-import textwrap
 import math
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 

@@ -34,8 +34,12 @@ from tqdm.auto import tqdm
 from sf_ext.dlg import plots
 from sf_ext.dlg.attacks import ATTACKS, AttackResult, run_attack
 from sf_ext.dlg.captured import CapturedRound, load_capture, load_round
-from sf_ext.dlg.gradients import masks_kept_fraction, observe_gradient, prune_gradient
-from sf_ext.dlg.gradients import rate_to_keep_fraction
+from sf_ext.dlg.gradients import (
+    masks_kept_fraction,
+    observe_gradient,
+    prune_gradient,
+    rate_to_keep_fraction,
+)
 from sf_ext.dlg.labels import LABEL_METHODS
 from sf_ext.dlg.local_training import OptimizerSpec
 from sf_ext.dlg.metrics import aggregate_rows, score_reconstruction
