@@ -224,3 +224,21 @@ def test_priority_defenses_run_first(tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="unknown defense keys in 'priority'"):
         load_card(str(tmp_path / "bad.json"))
+
+
+def test_scorecard_refuses_a_folder_holding_another_card(tmp_path, capsys):
+    from sf_ext.outputs import read_manifest
+
+    out = tmp_path / "out"
+    card = _card(tmp_path)
+    assert main([card, "--out", str(out), "--only", "iid-none-fedavg", "--no-progress"]) == 0
+    summary = (out / "scorecard.md").read_text()
+    assert "scorecard.md" in read_manifest(out)["files"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([card, "--out", str(out), "--seeds", "5", "--summarize"])
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "scorecard.md").read_text() == summary
+    # The same card (another --only filter) resumes in the same folder.
+    assert main([card, "--out", str(out), "--summarize"]) == 0

@@ -517,3 +517,40 @@ def test_simulate_rejects_unknown_sections_and_missing_files(tmp_path, capsys):
     assert "experiment file not found" in capsys.readouterr().err
     assert main([_write_grid(tmp_path), "--list"]) == 0
     assert "fedavg-clean-" in capsys.readouterr().out
+
+
+def test_simulate_never_replaces_another_experiments_tables_silently(tmp_path, capsys):
+    from sf_ext.outputs import read_manifest
+    from sf_ext.simulator.run import main
+
+    path, out = _write_grid(tmp_path), tmp_path / "out"
+    assert main([path, "--out", str(out), "--no-progress"]) == 0
+    first = (out / "results.csv").read_text()
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete"
+    assert {"results.csv", "table.md", "grid.json"} <= set(manifest["files"])
+    assert not any(name.startswith("cells/") for name in manifest["files"])
+    capsys.readouterr()
+    # Same experiment: resumed (the finished cell is read back, not rerun).
+    assert main([path, "--out", str(out), "--no-progress"]) == 0
+    assert (out / "results.csv").read_text() == first
+    # Another experiment into the same folder: refused, nothing touched.
+    with pytest.raises(SystemExit) as exit_info:
+        main([path, "--out", str(out), "--no-progress", "--set", "rounds=2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--overwrite" in err
+    assert (out / "results.csv").read_text() == first
+    cells_before = sorted(p.name for p in (out / "cells").iterdir())
+    # --overwrite: the new experiment's tables; the earlier cell is kept (stored by its hash).
+    assert main([path, "--out", str(out), "--no-progress", "--set", "rounds=2", "--overwrite"]) == 0
+    assert (out / "results.csv").read_text() != first
+    cells_after = sorted(p.name for p in (out / "cells").iterdir())
+    assert set(cells_before) < set(cells_after)
+    # A folder holding files sf-ext did not write is refused too.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main([path, "--out", str(foreign), "--no-progress"])
+    assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1

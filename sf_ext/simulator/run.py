@@ -8,6 +8,7 @@ default) instead of running them one after another. When all cells are done the 
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -179,7 +180,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse an --out folder that holds another experiment (its tables and plots are "
+        "replaced; finished cells are kept: they are stored by their settings' hash)",
+    )
     return parser
+
+
+def summary_files(out: str, names=("grid.json", "results.csv", "table.md"), folders=("plots",)):
+    """The files a grid or scorecard run derives from its cells (what ``--overwrite`` replaces).
+
+    Cells are not listed: a cell folder is named by a hash of its settings, so another
+    experiment never writes into it and finished cells can be shared between experiments.
+    """
+    found = [os.path.join(out, n) for n in names if os.path.isfile(os.path.join(out, n))]
+    for folder in folders:
+        root = os.path.join(out, folder)
+        for base, _, files in os.walk(root):
+            found.extend(os.path.join(base, f) for f in files)
+    return found
+
+
+def guard_output(parser, out: str, kind: str, cell_keys, overwrite: bool):
+    """Prepare ``out`` for a run whose results are the cells ``cell_keys`` (exit 2 on a clash).
+
+    A folder that holds the same experiment is resumed; one that holds another experiment (or
+    files sf-ext did not write) is refused unless ``--overwrite``.
+    """
+    from sf_ext.outputs import OutputDirError, prepare_output_dir
+
+    keys = sorted(cell_keys)
+    # Cell keys end in a hash of the cell's settings: their digest identifies the experiment.
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    settings = {"command": kind, "cells": len(keys), "cells_digest": digest}
+    try:
+        return prepare_output_dir(out, settings, overwrite)
+    except OutputDirError as exc:
+        parser.error(str(exc))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -210,6 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for key, cell in unique.items():
             print(f"{key}\t{cell.row_label}\t{cell.column_label}")
         return 0
+    folder = guard_output(parser, args.out, "simulate", unique, args.overwrite)
     run_grid(
         grid,
         args.out,
@@ -220,6 +260,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         threads=args.threads,
         progress=not args.no_progress,
     )
+    folder.complete(*summary_files(args.out))
     print(open(os.path.join(args.out, "table.md")).read())
     return 0
 

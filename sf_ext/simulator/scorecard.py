@@ -805,11 +805,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--summarize", action="store_true", help="only rewrite the outputs")
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse an --out folder that holds another card (its summary and heatmaps are "
+        "replaced; finished cells are kept: they are stored by their settings' hash)",
+    )
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from sf_ext.simulator.run import _parse_overrides
+    from sf_ext.simulator.run import _parse_overrides, guard_output, summary_files
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -839,6 +845,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{cell.key}\t{cell.setting}\t{cell.attack}\t{cell.defense}\tseed {cell.seed}")
         print(f"{len(references)} FedAvg* references + {len(cells)} cells")
         return 0
+    keys = [c.key for c in references + cells]
+    folder = guard_output(parser, args.out, "scorecard", keys, args.overwrite)
     if args.summarize:
         summary = summarize(card, args.out, overrides)
         write_outputs(card, args.out, summary)
@@ -854,6 +862,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.threads,
             not args.no_progress,
         )
+    names = ["scorecard.json", "scorecard.csv", "scorecard.md"]
+    names += sorted(n for n in os.listdir(args.out) if n.startswith("heatmap-"))
+    folder.complete(*summary_files(args.out, names, folders=()))
     print(open(os.path.join(args.out, "scorecard.md")).read())
     return 0
 
