@@ -2,9 +2,6 @@
 models (nested, ResNet-18), DP, dataset builders, parameter checks and the public readers."""
 
 import importlib
-import subprocess
-import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -587,49 +584,9 @@ def test_public_readers(sf_parties, mlp_run):
         kept_fraction(plain)
 
 
-RAY_SCRIPT = textwrap.dedent("""
-    import os, sys, warnings
-    import secretflow as sf
-    import sf_ext
-    from secretflow_fl.ml.nn import FLModel
-    from sf_ext.aggregators import SecurePruneAggregator
-    from sf_ext.models import MLP
-    from sf_ext.training import build_torch_model
-
-    sf.init(["alice", "bob", "charlie"], address="local", num_cpus=8, log_to_driver=False)
-    alice, bob, charlie = sf.PYU("alice"), sf.PYU("bob"), sf.PYU("charlie")
-
-    def build(**kwargs):
-        return FLModel(server=charlie, device_list=[alice, bob], model=build_torch_model(MLP, 1e-2),
-                       aggregator=SecurePruneAggregator(charlie, [alice, bob]),
-                       strategy="fed_avg_w_prune", backend="torch", **kwargs)
-
-    try:
-        build(prune_percent=0)
-        print("NO-ERROR-AT-CONSTRUCTION")
-    except ValueError as exc:
-        print("CONSTRUCTION-ERROR:", exc)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        build(prune_precent=5)
-    print("WARNINGS:", [str(w.message) for w in caught if "prune_precent" in str(w.message)])
-    sf.shutdown()
-    """)
-
-
-@pytest.mark.slow
-def test_ray_mode_reports_bad_parameters_at_flmodel_construction(tmp_path):
-    script = tmp_path / "ray_check.py"
-    script.write_text(RAY_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=400, check=False
-    )
-    out = result.stdout
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "CONSTRUCTION-ERROR: prune_percent must be in (0, 100)" in out, (
-        out + result.stderr[-2000:]
-    )
-    assert "did you mean the fed_avg_w_prune parameter 'prune_percent'?" in out
+# fed_avg_w_prune's checks in Ray mode (strategy built inside the actors) are tested in
+# tests/test_secure_flame.py::test_ray_mode_reports_bad_prune_parameters_at_flmodel_construction,
+# inside that module's Ray scenario, to save a Ray start-up.
 
 
 # ------------------------------------------------------------- the guard against zero-averaging

@@ -431,6 +431,42 @@ def _spu_log(folder: Path, party: str = "spu"):
     return options
 
 
+def _prune_construction_checks(clients, server) -> dict:
+    """``fed_avg_w_prune``'s parameter checks in Ray mode, where the strategy is built inside
+    the parties' actors: errors and typo warnings must still reach the user's FLModel line.
+    (Run in this scenario's Ray instance to save a Ray start-up in the suite.)"""
+    import warnings
+
+    from secretflow_fl.ml.nn import FLModel
+
+    from sf_ext.aggregators import SecurePruneAggregator
+    from sf_ext.models import MLP
+    from sf_ext.training import build_torch_model
+
+    def build(**kwargs):
+        return FLModel(
+            server=server,
+            device_list=list(clients),
+            model=build_torch_model(MLP, 1e-2),
+            aggregator=SecurePruneAggregator(server, list(clients)),
+            strategy="fed_avg_w_prune",
+            backend="torch",
+            **kwargs,
+        )
+
+    out = {}
+    try:
+        build(prune_percent=0)
+        out["error"] = None
+    except ValueError as exc:
+        out["error"] = str(exc)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build(prune_precent=5)
+    out["warnings"] = [str(w.message) for w in caught if "prune_precent" in str(w.message)]
+    return out
+
+
 def _ray_scenario(path: str) -> None:
     import secretflow as sf
 
@@ -450,6 +486,7 @@ def _ray_scenario(path: str) -> None:
         out["seconds"] = {"direct": time.monotonic() - started}
         out["training"] = _training(sf, clients, server, spu)
         out["seconds"]["training"] = time.monotonic() - started - out["seconds"]["direct"]
+        out["construction"] = _prune_construction_checks(clients[:2], server)
     finally:
         sf.shutdown()
     with open(path, "wb") as f:
@@ -643,6 +680,18 @@ def test_training_sends_the_server_no_client_plaintext(ray_run):
     assert all(np.allclose(first, u, rtol=0, atol=1e-11) for u in uploads[0])
     bases = [None] + results[:-1]
     _assert_none_is_a_plaintext(moved, _plaintexts(uploads[1:], bases[1:]))
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+def test_ray_mode_reports_bad_prune_parameters_at_flmodel_construction(ray_run):
+    construction = ray_run["construction"]
+    assert construction["error"] is not None, "prune_percent=0 was accepted in Ray mode"
+    assert "prune_percent must be in (0, 100)" in construction["error"]
+    assert any(
+        "did you mean the fed_avg_w_prune parameter 'prune_percent'?" in w
+        for w in construction["warnings"]
+    ), construction["warnings"]
 
 
 @pytest.mark.slow
