@@ -220,6 +220,11 @@ def test_priority_defenses_run_first(tmp_path, monkeypatch):
     krum = [i for i, n in enumerate(names) if "-multi-krum-" in n]
     plain = [i for i, n in enumerate(names) if "-fedavg-" in n and "-none-" not in n]
     assert krum and plain and max(krum) < min(plain)
+    # The rest run seed by seed: every seed-0 cell before any seed-1 cell.
+    seed_of = [
+        int(n.rsplit("-", 2)[-2][1:]) for n in names if "-fedavg-" in n and "-none-" not in n
+    ]
+    assert seed_of == sorted(seed_of) and set(seed_of) == {0, 1}
     spec["priority"] = ["flame"]
     (tmp_path / "bad.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="unknown defense keys in 'priority'"):

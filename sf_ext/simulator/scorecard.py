@@ -295,9 +295,18 @@ def run_card(
     wanted = [part for part in (only or "").split(",") if part]
     todo: Dict[str, ScoreCell] = {}
     # FedAvg* first (they build the shared pretrained models), then the priority defenses (all
-    # settings and seeds), then the rest: an interrupted card has its key comparisons complete.
+    # settings and seeds), then the rest seed by seed (every defense's first seed before any
+    # second seed): an interrupted card has its key comparisons complete and every other defense
+    # measured on as many seeds as time allowed.
     rank = {key: i for i, key in enumerate(card.priority)}
-    cells = sorted(cells, key=lambda c: rank.get(c.defense, len(rank)))
+    seeds = {seed: i for i, seed in enumerate(card.seeds)}
+
+    def order(cell):
+        if cell.defense in rank:
+            return (rank[cell.defense], 0)
+        return (len(rank), seeds.get(cell.seed, len(seeds)))
+
+    cells = sorted(cells, key=order)
     for cell in references + cells:
         if not wanted or any(w in cell.key for w in wanted):
             todo.setdefault(cell.key, cell)
