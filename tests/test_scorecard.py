@@ -128,6 +128,17 @@ def test_card_runs_reports_the_worst_seed_and_resumes(tmp_path):
         if (e["setting"], e["attack"], e["defense"]) == ("iid", "none", "multi_krum")
     )
     assert krum_clean["passes"] == (krum_clean["fpr_worst"] <= 0.10)
+    # Backdoor entries: the excess over max(5 %, the same seed's FedAvg* rate), worst seed.
+    for bd_entry in (e for e in summary["entries"] if e["kind"] == "backdoor"):
+        rows = [
+            r
+            for r in summary["per_seed"]
+            if (r["setting"], r["attack"], r["defense"])
+            == (bd_entry["setting"], bd_entry["attack"], bd_entry["defense"])
+        ]
+        over = max(r["bd_final"] - max(0.05, r["reference_bd"]) for r in rows)
+        assert bd_entry["bd_over_limit_worst"] == pytest.approx(over)
+        assert bd_entry["passes"] == (over <= 1e-9)
     table = (out / "scorecard.md").read_text()
     assert "## digits IID" in table and "| Sign flip 40% |" in table and "n/a" in table
     # Re-running trains nothing: every cell is read back.
@@ -247,3 +258,21 @@ def test_scorecard_refuses_a_folder_holding_another_card(tmp_path, capsys):
     assert (out / "scorecard.md").read_text() == summary
     # The same card (another --only filter) resumes in the same folder.
     assert main([card, "--out", str(out), "--summarize"]) == 0
+
+
+def test_backdoor_criterion_is_taken_per_seed_against_the_clean_models_own_rate():
+    from sf_ext.simulator.scorecard import _passes
+
+    def entry(pairs):
+        # (backdoor accuracy, FedAvg*'s backdoor accuracy on the same seed) per seed
+        over = max(bd - max(0.05, ref) for bd, ref in pairs)
+        return {
+            "kind": "backdoor",
+            "bd_final_worst": max(b for b, _ in pairs),
+            "bd_over_limit_worst": over,
+        }
+
+    assert _passes(entry([(0.056, 0.056), (0.01, 0.0)]))  # at FedAvg*'s own 5.6 %: passes
+    assert not _passes(entry([(0.056, 0.0), (0.01, 0.056)]))  # 5.6 % where FedAvg* had 0
+    assert not _passes(entry([(0.08, 0.056)]))
+    assert _passes(entry([(0.05, 0.0)]))
