@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -250,6 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # SecretFlow repeats this notice at every evaluation; the demo reports global metrics only.
+    warnings.filterwarnings("ignore", message="Please pay attention to local metrics")
     import torch
 
     torch.set_num_threads(args.threads)

@@ -1,0 +1,73 @@
+"""How far below FedAvg* a perfect filter lands: the oracle reference of the scorecard.
+
+A defense that drops exactly the attackers of a 40 % round averages the 12 benign clients of the
+round, not 20, so it is compared with FedAvg* (20 clients, no attack) at a disadvantage that has
+nothing to do with the defense. ``scorecard_oracle.yaml`` runs FedAvg without attack on 16 and 12
+clients per round (same data, partitions, pretrained models and seeds); this script puts each of
+its cells beside the FedAvg* of the same setting and seed from the main card and writes the gaps.
+
+    python experiments/robustness/oracle_gap.py --card-out <main card folder> \\
+        --oracle-out <oracle card folder> --out experiments/robustness/results/oracle_gap.md
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sf_ext.simulator.scorecard import load_card
+
+HERE = Path(__file__).resolve().parent
+
+
+def _final(out: str, key: str):
+    path = os.path.join(out, "cells", key, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)["final"]["accuracy"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--card", default=str(HERE / "scorecard.yaml"))
+    parser.add_argument("--oracle", default=str(HERE / "scorecard_oracle.yaml"))
+    parser.add_argument("--card-out", required=True, help="output folder of the main card")
+    parser.add_argument("--oracle-out", required=True, help="output folder of the oracle card")
+    parser.add_argument("--out", help="write the Markdown table here too")
+    args = parser.parse_args(argv)
+    references, _ = load_card(args.card).cells()
+    fedavg_star = {(c.setting, c.seed): _final(args.card_out, c.key) for c in references}
+    _, oracle_cells = load_card(args.oracle).cells()
+    rows = {}
+    for cell in oracle_cells:
+        setting, k = cell.setting.rsplit("-k", 1)
+        star = fedavg_star.get((setting, cell.seed))
+        acc = _final(args.oracle_out, cell.key)
+        if star is None or acc is None:
+            continue
+        rows.setdefault((setting, int(k)), []).append((cell.seed, 100 * (acc - star)))
+    lines = [
+        "| setting | clients per round (attackers removed) | gap to FedAvg* per seed, points "
+        "| worst | mean |",
+        "|---|---|---|---|---|",
+    ]
+    for (setting, k), gaps in sorted(rows.items(), key=lambda item: (item[0][0], -item[0][1])):
+        gaps.sort()
+        values = [g for _, g in gaps]
+        per_seed = ", ".join(f"s{s}: {g:+.1f}" for s, g in gaps)
+        lines.append(
+            f"| {setting} | {k} of 20 ({100 * (20 - k) // 20} % attackers) | {per_seed} "
+            f"| {min(values):+.1f} | {sum(values) / len(values):+.1f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
