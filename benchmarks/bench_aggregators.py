@@ -57,6 +57,7 @@ METHODS = [
     "signguard",
     "foolsgold",
     "fltrust",
+    "shield",
 ]
 INPUT_SHAPE = (1, 28, 28)
 
