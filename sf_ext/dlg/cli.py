@@ -167,13 +167,14 @@ def _check_cuda(parser: argparse.ArgumentParser, device: str) -> None:
 
 
 def _capture(parser, args) -> int:
-    from sf_ext.dlg.fl_run import default_rounds
     from sf_ext.outputs import prepare_output_dir
 
     try:
         setting = dataclass_from_args(FLSetting, args, args.setting_fields)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
+    # Imports SecretFlow: only once the flags are known to be valid.
+    from sf_ext.dlg.fl_run import default_rounds
     rounds = []
     for item in args.rounds:
         if item == "first":
