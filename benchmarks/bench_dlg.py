@@ -1,14 +1,21 @@
-"""Benchmark: sf_ext.dlg's DLG against the reference loop of Zhu et al., and a full sweep.
+"""Benchmark: sf_ext.dlg's DLG against the reference loop of Zhu et al., the optimizer-aware
+attack's cost per step against DLG's, a full sweep, and the audit of the seed's setting.
 
 1. One 300-step DLG run on one 28x28 Fashion-MNIST test image (DLGLeNet, sigmoid, U(-0.5, 0.5)
    weights), timed side by side in this process for each seed: the reference loop as the DLG
    paper's code runs it (``torch.optim.LBFGS`` with default parameters, a closure summing squared
    gradient differences per layer and calling ``backward()``, an extra closure call and snapshot
    every 10 steps) and :func:`sf_ext.dlg.dlg` with the same starting point. Target: ratio <= 1.
-2. Optionally (``--sweep``) the full 7-rate x 3-seed naive + mask-aware DLG sweep. Target: < 15 min
-   on 2 cores.
+2. Per step: one evaluation of the optimizer-aware multi-step attack (simulating the client's
+   local SGD or Adam steps, then differentiating through them) against one evaluation of DLG's
+   gradient-matching objective (what an L-BFGS closure computes), on the same model and batch,
+   timed in the same run. Reported as ratios.
+3. Optionally (``--sweep``) the full 7-share x 3-seed naive + mask-aware DLG sweep. Target:
+   < 15 min on 2 cores.
+4. Optionally (``--audit``) ``sf-ext audit`` of the seed's own setting (ConvNet, Adam 1e-2,
+   batch 32, 5 %/epoch to 0.1 kept, SecurePruneAggregator; Fashion-MNIST). Target: < 10 min.
 
-Run: ``python benchmarks/bench_dlg.py [--sweep] [--out runs/bench_dlg]``. Threads are set to 1
+Run: ``python benchmarks/bench_dlg.py [--sweep] [--audit] [--out runs/bench_dlg]``. Threads are set to 1
 (``--threads``) so other work on the machine disturbs the comparison less.
 """
 
@@ -97,6 +104,82 @@ def time_seed(seed: int, repeats: int, data_root=None):
     return row
 
 
+def _best_time(fn, repeats: int = 3, calls: int = 10) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def time_per_step(data_root=None) -> list:
+    """Seconds per objective evaluation (value + gradient w.r.t. the dummy): DLG's gradient
+    matching against the multi-step attack's simulated local training, same model and data."""
+    from sf_ext.dlg import OptimizerSpec, simulate_update
+    from sf_ext.dlg.attacks import GradientMatcher
+    from sf_ext.dlg.distance import TensorDistance
+    from sf_ext.models import LeNet
+
+    x_all, y_all = load_dataset("fashion-mnist", data_root, split="test")
+    rows = []
+    cases = [("DLGLeNet", 1), ("LeNet", 4), ("LeNet", 32)]
+    for name, batch in cases:
+        torch.manual_seed(0)
+        model = (
+            uniform_init_(DLGLeNet(1, 28, 10), seed=0) if name == "DLGLeNet" else LeNet(1, 28, 10)
+        )
+        x = torch.as_tensor(x_all[:batch])
+        y = torch.as_tensor(y_all[:batch]).long()
+        dummy = torch.rand_like(x).requires_grad_(True)
+        grad = observe_gradient(model, x, y)
+        matcher = GradientMatcher(model, grad, distance="l2")
+
+        def dlg_eval():
+            loss = matcher(dummy, y)
+            torch.autograd.grad(loss, [dummy])
+
+        row = {"model": name, "batch": batch, "dlg_s": _best_time(dlg_eval)}
+        for label, spec, steps in (
+            ("sgd_1step", OptimizerSpec("sgd", lr=0.01), 1),
+            ("adam_1step", OptimizerSpec("adam", lr=0.01), 1),
+            ("adam_4steps", OptimizerSpec("adam", lr=0.01), 4),
+        ):
+            batches = [(x, y)] * steps
+            observed = simulate_update(model, batches, spec, create_graph=False)
+            distance = TensorDistance(observed, distance="cosine")
+            dummies = [torch.rand_like(x).requires_grad_(True) for _ in range(steps)]
+
+            def multistep_eval():
+                update = simulate_update(
+                    model, list(zip(dummies, [y] * steps)), spec, soft_sign=1.0
+                )
+                torch.autograd.grad(distance(update), dummies)
+
+            row[f"{label}_s"] = _best_time(multistep_eval, calls=max(2, 10 // steps))
+            row[f"{label}_ratio"] = row[f"{label}_s"] / row["dlg_s"]
+        rows.append(row)
+    return rows
+
+
+def time_seed_audit(out: Path, data_root=None) -> float:
+    """Wall time of ``sf-ext audit`` on the seed's setting (the recorded experiment's command)."""
+    from sf_ext.dlg.audit import main as audit_main
+
+    argv = [
+        "--model", "convnet", "--optimizer", "adam", "--lr", "0.01", "--batch-size", "32",
+        "--strategy", "fed_avg_w_prune", "--prune-percent", "5", "--prune-end-rate", "0.1",
+        "--aggregator", "secure_prune", "--samples", "6000", "--epochs", "10",
+        "--out", str(out), "--overwrite", "--no-progress",
+    ]  # fmt: skip
+    if data_root:
+        argv += ["--data-root", str(data_root)]
+    start = time.perf_counter()
+    audit_main(argv)
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -104,12 +187,32 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="best-of-N timing")
     parser.add_argument("--sweep", action="store_true", help="also time the full sweep")
+    parser.add_argument("--audit", action="store_true", help="also time the seed-setting audit")
+    parser.add_argument("--skip-reference", action="store_true", help="skip part 1")
     parser.add_argument("--out", default="runs/bench_dlg")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    report = {"threads": args.threads, "repeats": args.repeats}
+    steps = time_per_step(args.data_root)
+    report["per_step"] = steps
+    print(
+        f"{'model':<9} {'batch':>5} {'DLG eval ms':>12} {'SGD 1 step':>11} {'Adam 1':>8} {'Adam 4':>8}"
+    )
+    for row in steps:
+        print(
+            f"{row['model']:<9} {row['batch']:>5} {1000 * row['dlg_s']:>12.1f} "
+            f"{row['sgd_1step_ratio']:>10.2f}x {row['adam_1step_ratio']:>7.2f}x "
+            f"{row['adam_4steps_ratio']:>7.2f}x"
+        )
+    if args.audit:
+        report["seed_audit_s"] = time_seed_audit(out / "seed_audit", args.data_root)
+        print(f"seed-setting audit: {report['seed_audit_s']:.0f} s (target < 600 s)")
+    if args.skip_reference:
+        (out / "bench_dlg.json").write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     rows = [time_seed(int(s), args.repeats, args.data_root) for s in args.seeds.split(",")]
     print(f"{'seed':>4} {'variant':<20} {'time s':>7} {'ratio':>6} {'PSNR dB':>8} {'steps':>5}")
     for row in rows:
@@ -124,13 +227,17 @@ def main(argv=None) -> int:
                 f"{row[name + '_steps']:>5}"
             )
     total_ref = sum(r["reference_s"] for r in rows)
-    report = {"single_run": rows, "threads": args.threads, "repeats": args.repeats}
+    report["single_run"] = rows
     for name in VARIANTS:
         report[f"{name}_ratio_total"] = sum(r[f"{name}_s"] for r in rows) / total_ref
         print(f"{name}: total time ratio ours/reference = {report[f'{name}_ratio_total']:.2f}")
     if args.sweep:
         config = SweepConfig(
-            data_root=args.data_root, threads=args.threads, out=str(out / "sweep"), attacks=("dlg",)
+            data_root=args.data_root,
+            threads=args.threads,
+            out=str(out / "sweep"),
+            attacks=("dlg",),
+            overwrite=True,
         )
         result = run_sweep(config)
         print(format_summary(result.summary))

@@ -1,4 +1,8 @@
-"""Tests of sf_ext.dlg: attacks, pruning of observations, metrics, capture and CLI (all small)."""
+"""Tests of sf_ext.dlg: gradient attacks, distances, pruning of observations, metrics and the CLI.
+
+Optimizer-aware inversion and labels: test_dlg_multistep.py; captures from real SecretFlow
+rounds and the server's views: test_dlg_capture.py; recognizability: test_dlg_judge.py.
+"""
 
 import csv
 import math
@@ -15,7 +19,6 @@ from sf_ext.dlg import (
     infer_labels,
     inverting_gradients,
     label_accuracy,
-    load_capture,
     match_batch,
     mean_std,
     mse,
@@ -26,7 +29,9 @@ from sf_ext.dlg import (
     ssim,
 )
 from sf_ext.dlg.attacks import STATUS_DIVERGED
+from sf_ext.dlg.distance import TensorDistance
 from sf_ext.dlg.gradients import gradient_from_update, rate_to_keep_fraction
+from sf_ext.dlg.options import AttackOptions
 from sf_ext.models import DLGLeNet, uniform_init_
 
 
@@ -97,14 +102,6 @@ def test_idlg_label_rule_finds_true_label_even_after_pruning(label):
     assert infer_labels(model, pruned).tolist() == [label]
 
 
-def test_label_rule_for_a_batch_returns_the_labels_present():
-    model = small_lenet(seed=1)
-    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    labels = torch.tensor([2, 5, 7])
-    grad = observe_gradient(model, x, labels)
-    assert sorted(infer_labels(model, grad, batch_size=3).tolist()) == [2, 5, 7]
-
-
 def test_weight_update_of_one_sgd_step_reads_back_as_the_gradient():
     model, x, y, grad = tiny_problem(seed=1, label=2)
     update = [-0.05 * g for g in grad]
@@ -146,13 +143,58 @@ def test_lbfgs_divergence_is_reported_and_no_nan_image_is_returned(attack):
     assert all(math.isfinite(v) for v in result.loss_history)
 
 
-def test_inverting_gradients_keeps_input_in_box_and_reduces_the_loss():
-    model, x, y, grad = tiny_problem(seed=2, label=1)
-    result = inverting_gradients(model, grad, x.shape, 4, iters=60, restarts=2, seed=0)
+@pytest.mark.parametrize("distance", ["cosine", "cosine-layer", "l2-layer"])
+def test_inverting_gradients_recovers_input_of_tiny_model_with_every_distance(distance):
+    model, x, y, grad = tiny_problem(seed=0, label=1)
+    result = inverting_gradients(
+        model, grad, x.shape, 4, iters=300, restarts=1, seed=0, distance=distance, tv_weight=0
+    )
     assert result.label.tolist() == [1]
+    assert result.details["distance"] == distance
+    assert (result.reconstruction - x).abs().max() < 2e-3
     assert 0.0 <= float(result.reconstruction.min()) and float(result.reconstruction.max()) <= 1.0
-    assert len(result.details["restart_losses"]) == 2
-    assert result.loss_history[-1] < result.loss_history[0]
+
+
+def test_layer_normalized_distances_match_hand_computed_values():
+    targets = [torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0, 0.0])]
+    candidates = [torch.tensor([0.0, 4.0]), torch.tensor([0.0, 2.0, 0.0])]
+    # l2: 9 + (1 + 4); l2-layer: 9/25 + 5/1.
+    assert float(TensorDistance(targets, distance="l2")(candidates)) == pytest.approx(14.0)
+    assert float(TensorDistance(targets, distance="l2-layer")(candidates)) == pytest.approx(5.36)
+    # cosine-layer: mean of 1 - cos per tensor = ((1 - 16/20) + (1 - 0)) / 2.
+    assert float(TensorDistance(targets, distance="cosine-layer")(candidates)) == pytest.approx(0.6)
+    # cosine over everything joined: 1 - 16 / (sqrt(20) * sqrt(26)).
+    joined = 1 - 16 / (math.sqrt(20) * math.sqrt(26))
+    assert float(TensorDistance(targets, distance="cosine")(candidates)) == pytest.approx(joined)
+    # A mask hides the entries the attacker ignores, on both sides.
+    masks = [torch.tensor([False, True]), None]
+    masked = TensorDistance(targets, masks, "l2-layer")(candidates)
+    assert float(masked) == pytest.approx(0.0 / 16 + 5.0)
+
+
+def test_one_layer_dominating_the_joint_distance_counts_only_as_much_as_the_others_per_layer():
+    # The classifier's gradient is 1e4 times larger than the first layer's: joint distances hardly
+    # see an error in the first layer, per-layer ones see it fully.
+    targets = [torch.tensor([1e-4, 0.0]), torch.tensor([1.0, 1.0])]
+    wrong_first = [torch.tensor([0.0, 1e-4]), torch.tensor([1.0, 1.0])]
+    assert float(TensorDistance(targets, distance="cosine")(wrong_first)) < 1e-8
+    assert float(TensorDistance(targets, distance="cosine-layer")(wrong_first)) == pytest.approx(
+        0.5
+    )
+    assert float(TensorDistance(targets, distance="l2-layer")(wrong_first)) == pytest.approx(2.0)
+
+
+def test_attack_options_fill_per_attack_defaults_and_reject_typos():
+    options = AttackOptions(seed=3)
+    assert options.resolved("dlg").iters == 300 and options.resolved("dlg").distance == "l2"
+    assert options.resolved("ig").iters == 1000 and options.resolved("ig").distance == "cosine"
+    assert AttackOptions(distance="l2-layer").resolved("ig").distance == "l2-layer"
+    with pytest.raises(TypeError, match="iterz"):
+        options.with_overrides(iterz=5)
+    with pytest.raises(ValueError, match="distance"):
+        AttackOptions(distance="manhattan")
+    with pytest.raises(ValueError, match="iters"):
+        AttackOptions(iters=0)
 
 
 # --- pruning of observations -------------------------------------------------------------------
@@ -218,59 +260,68 @@ def test_mean_std_and_aggregation_over_seeds():
 
 # --- CLI ---------------------------------------------------------------------------------------
 @pytest.mark.needs_data
-def test_cli_attack_writes_csv_and_figures(tmp_path, fashion_mnist_root, capsys):
+def test_cli_attack_writes_csvs_and_figures_and_reads_back_an_identical_rerun(
+    tmp_path, fashion_mnist_root, capsys
+):
     from sf_ext.dlg.cli import main
 
     out = tmp_path / "attack"
-    argv = ["attack", "--data-root", str(fashion_mnist_root), "--iters", "4", "--rates", "0,50"]
-    argv += ["--attackers", "naive,mask-aware", "--out", str(out), "--no-progress"]
+    argv = ["attack", "--data-root", str(fashion_mnist_root), "--iters", "4"]
+    argv += ["--pruned-percent", "0,50", "--attackers", "naive,mask-aware", "--batch-size", "2"]
+    argv += ["--out", str(out), "--no-progress", "--no-judge"]
     assert main(argv) == 0
     with (out / "runs.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and {r["attacker"] for r in rows} == {"naive", "mask-aware"}
-    assert (out / "psnr_vs_rate_dlg.png").stat().st_size > 0
+    assert {float(r["pruned_percent"]) for r in rows} == {0.0, 50.0}
+    with (out / "images.csv").open() as handle:
+        images = list(csv.DictReader(handle))
+    assert len(images) == 8  # every image of every run
+    assert (out / "psnr_vs_pruned_dlg.png").stat().st_size > 0
     assert (out / "final_dlg.png").exists() and (out / "grid_dlg_naive_seed0.png").exists()
+    assert (out / "batch_dlg_naive_seed0.png").exists()  # every image of the batch
     assert "PSNR" in capsys.readouterr().out
+    before = (out / "runs.csv").read_text()
+    assert main(argv) == 0  # same settings: read back, not rerun
+    assert "read back" in capsys.readouterr().out
+    assert (out / "runs.csv").read_text() == before
 
 
-# --- capture from a real SecretFlow run --------------------------------------------------------
-@pytest.mark.secretflow
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sweep", "--pruned-percent", "0,120"], "pruned_percent must lie in [0, 100)"),
+        (["sweep", "--attacks", "dlg,nope"], "attacks: unknown ['nope']"),
+        (["sweep", "--iters", "many"], "expected an integer"),
+        (["sweep", "--rates", "0,50"], "--rates was renamed: use --pruned-percent"),
+        (["capture", "--split", "0.5"], "split needs at least two positive shares"),
+        (["capture", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    ],
+)
+def test_cli_bad_argument_gives_a_clear_message_and_exit_2(tmp_path, capsys, argv, message):
+    from sf_ext.dlg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
 @pytest.mark.needs_data
-def test_capture_from_fed_avg_w_prune_loads_back_and_reproduces_the_gradient(
-    tmp_path, fashion_mnist_root
-):
-    from sf_ext.dlg.capture import run_capture
-    from sf_ext.dlg.sweep import SweepConfig, run_sweep
+def test_cli_refuses_a_used_folder_with_other_settings(tmp_path, fashion_mnist_root, capsys):
+    from sf_ext.dlg.cli import main
 
-    folder = run_capture(
-        "fed_avg_w_prune",
-        out_dir=tmp_path / "runs",
-        data_root=fashion_mnist_root,
-        samples=8,
-        batch_size=2,
-        epochs=2,
-        capture_epoch=1,
-        prune_percent=50,
-        lr=0.1,
-    )
-    assert folder.parent == tmp_path / "runs"
-    assert (folder / "capture.pt").exists() and (folder / "meta.json").exists()
-    captured = load_capture(folder)
-    assert captured.meta["kept_fraction"] == pytest.approx(0.5)
-    assert tuple(captured.x.shape) == (2, 1, 28, 28)
-    for recomputed, recorded in zip(captured.recompute_gradient(), captured.gradient):
-        assert torch.allclose(recomputed, recorded, atol=1e-6)
-    # One SGD step under a fixed mask: the upload shows exactly the masked gradient.
-    as_gradient = captured.update_as_gradient()
-    for update, grad, mask in zip(as_gradient, captured.gradient, captured.masks()):
-        expected = grad if mask is None else grad * mask
-        assert torch.allclose(update, expected, atol=1e-4)
-    kept = [m.float().mean().item() for m in captured.masks() if m is not None]
-    assert kept == pytest.approx([0.5] * len(kept))
-
-    config = SweepConfig(
-        captures=(str(folder),), source="update", iters=2, seeds=(0,), out=str(tmp_path / "sweep")
-    )
-    result = run_sweep(config, progress=False)
-    assert {r["attacker"] for r in result.rows} == {"naive", "mask-aware"}
-    assert all(r["rate"] == pytest.approx(50.0) for r in result.rows)
+    out = tmp_path / "attack"
+    base = ["attack", "--data-root", str(fashion_mnist_root), "--iters", "2", "--out", str(out)]
+    assert main(base + ["--no-progress", "--no-judge"]) == 0
+    first = (out / "runs.csv").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + ["--seeds", "1", "--no-progress", "--no-judge"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--overwrite" in err
+    assert (out / "runs.csv").read_text() == first
+    assert main(base + ["--seeds", "1", "--overwrite", "--no-progress", "--no-judge"]) == 0
+    assert (out / "runs.csv").read_text() != first

@@ -120,7 +120,11 @@ def test_wheel_installs_with_pip_beside_the_locked_secretflow(tmp_path):
     result = json.loads(run([python, "-c", INSTALLED_CHECK], cwd=tmp_path).stdout.splitlines()[-1])
     assert Path(result["file"]).is_relative_to(env_dir)  # the installed copy, not the checkout
     assert result["version"] == sf_ext.__version__
-    assert result["registered"] == ["fed_avg_w_attack_torch", "fed_avg_w_prune_torch"]
+    assert result["registered"] == [
+        "fed_avg_w_attack_torch",
+        "fed_avg_w_prune_attack_torch",
+        "fed_avg_w_prune_torch",
+    ]
     assert result["threads"] == [1, "sf-ext default"] and result["torch_threads"] == 1
     assert result["checkout_data_root"] is None  # an installed wheel is not a checkout
     assert result["secretflow"] == "1.11.0b1"

@@ -146,12 +146,12 @@ def test_xmam_identical_rows_and_the_noise_vote():
     kept_ref, labels = xmam_reference(outputs)
     mask, info = xmam_select(outputs, exact=True)
     assert np.flatnonzero(mask).tolist() == kept_ref
-    # The default never lets the noise label win the vote, and keeps nobody without a cluster.
+    # The default differs only when there is no cluster at all: it keeps nobody.
     default, info_default = xmam_select(outputs, exact=False)
-    if info_default["majority"] is None:
-        assert not default.any()
+    if (labels == -1).all():
+        assert not default.any() and info_default["majority"] is None
     else:
-        assert info_default["majority"] >= 0 and (labels[default] >= 0).all()
+        assert np.flatnonzero(default).tolist() == kept_ref
     all_noise = np.eye(6, dtype=np.float32)  # six mutually equidistant points
     exact_mask, exact_info = xmam_select(all_noise, exact=True)
     ref_kept, ref_labels = xmam_reference(all_noise)
@@ -195,3 +195,19 @@ def test_xmam_exact_end_to_end_matches_the_public_code():
         expected = updates[kept_ref].double().mean(dim=0)
         torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)
         assert math.isclose(float(report.weights.sum()), 1.0, rel_tol=1e-9)
+
+
+def test_xmam_default_does_not_hand_the_round_to_a_tight_attacker_group():
+    """Eight identical attacker outputs form XMAM's only cluster while twelve scattered honest
+    outputs are noise: the reference's vote (noise included) keeps the honest clients, and the
+    default keeps that vote (excluding noise from it handed the round to the attackers)."""
+    rng = np.random.default_rng(23)  # a draw where nine of the twelve honest outputs are noise
+    honest = rng.dirichlet(np.ones(10) * 0.3, size=12).astype(np.float32)
+    attackers = np.tile(np.full(10, 0.1, np.float32), (8, 1))
+    outputs = np.concatenate([honest, attackers])
+    kept_ref, labels = xmam_reference(outputs)
+    mask, info = xmam_select(outputs)
+    assert (labels[12:] == labels[12]).all() and labels[12] >= 0  # the attackers' cluster
+    assert np.flatnonzero(mask).tolist() == kept_ref
+    assert (labels[:12] == -1).sum() > 8  # noise outvotes the attackers' cluster
+    assert not mask[12:].any() and mask[:12].sum() == 9

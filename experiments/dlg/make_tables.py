@@ -15,8 +15,10 @@ def table(folder: Path) -> str:
     with (folder / "runs.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     groups = defaultdict(list)
+    # Sweeps before the rename wrote the pruned share as "rate" (percent zeroed, as now).
+    share = "pruned_percent" if rows and "pruned_percent" in rows[0] else "rate"
     for row in rows:
-        groups[(row["attack"], row["attacker"], float(row["rate"]))].append(row)
+        groups[(row["attack"], row["attacker"], float(row[share]))].append(row)
     rates = sorted({key[2] for key in groups})
     lines = [
         f"**{folder.name}** ({len(rows)} runs; PSNR dB mean ± std over seeds, [min, max], "

@@ -63,6 +63,10 @@ _LAZY = {
     "FLTrustAggregator": _ROBUST,
     "ShieldAggregator": _ROBUST,
     "ROBUST_AGGREGATORS": _ROBUST,
+    "SecureFlameAggregator": "sf_ext.aggregators.secure_flame",
+    "SecureFilterAggregator": "sf_ext.aggregators.secure_flame",
+    "spu_runtime_config": "sf_ext.aggregators.secure_flame",
+    "SecureClippingAggregator": "sf_ext.aggregators.secure_clipping",
 }
 
 __all__ = [

@@ -15,10 +15,12 @@ mapping) and its public code, XMAM ("X-raying Models with A Matrix", BESTICSP/XM
 
 ``exact=True`` with ``variant="xmam"`` reproduces the public code's selection, quirks included:
 its majority vote counts the noise label -1 (when most points are noise, the noise points are the
-ones kept) and an all-noise round keeps everyone. The default xmam selection departs there, on
-purpose: the majority is taken among real clusters only, and a round without any cluster keeps
-nobody (zero update), because the reference's rules let every sign-flipper through in rounds
-where HDBSCAN found no structure. Checked side by side with the reference's own ``XMAM.exec`` on
+ones kept) and an all-noise round keeps everyone. The default xmam selection departs in one
+place, on purpose: a round in which HDBSCAN finds no cluster at all keeps nobody (zero update)
+instead of everyone, because keeping everyone let every sign-flipper through in such rounds.
+(An earlier default also excluded the noise label from the vote; the scorecard showed that this
+hands the round to a tight group of identical attackers whenever the honest clients are all
+noise, e.g. same-value attackers at 40 %, so the reference's vote is kept.) Checked side by side with the reference's own ``XMAM.exec`` on
 60 random rounds (flipped, scaled, random attackers; n in {6, ..., 30}) with ``exact=True``:
 identical kept sets and aggregates (to 1e-5); the unit tests re-derive the selection locally.
 
@@ -136,8 +138,9 @@ def xmam_select(outputs: np.ndarray, exact: bool = False) -> Tuple[np.ndarray, D
 
     Args:
         outputs: ``[n, classes]`` mapped outputs (float32, as the reference's numpy arrays).
-        exact: Reproduce the reference's majority rule (the noise label votes; all noise keeps
-            everyone) instead of the default (majority among real clusters; none keeps nobody).
+        exact: Reproduce the reference exactly (an all-noise round keeps everyone) instead of
+            the default (an all-noise round keeps nobody); the majority vote, noise label
+            included, is the reference's in both.
 
     Returns:
         ``(keep, info)``: a bool mask over the rows and the cluster labels / majority label.
@@ -150,13 +153,10 @@ def xmam_select(outputs: np.ndarray, exact: bool = False) -> Tuple[np.ndarray, D
 
     coords = PCA(n_components=3).fit_transform(np.asarray(outputs, dtype=np.float32))
     labels = hdbscan.HDBSCAN(min_cluster_size=2).fit_predict(coords)
-    if exact:
-        votes = Counter(labels.tolist())  # the noise label -1 votes, as in the reference
-    else:
-        votes = Counter(label for label in labels.tolist() if label >= 0)
+    votes = Counter(labels.tolist())  # the noise label -1 votes, as in the reference
     info = {"labels": labels.tolist()}
-    if not votes:
-        info["majority"] = None
+    if not exact and all(label < 0 for label in labels.tolist()):
+        info["majority"] = None  # no cluster at all: keep nobody (the departure above)
         return np.zeros(count, dtype=bool), info
     # most_common is stable: ties go to the label first seen in client order, as the reference.
     majority = votes.most_common(1)[0][0]

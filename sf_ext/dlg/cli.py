@@ -1,230 +1,246 @@
-"""Command line: ``python -m sf_ext.dlg {attack,sweep,capture} ...``.
+"""Command line: ``python -m sf_ext.dlg {attack,sweep,capture} ...`` (also ``sf-ext dlg ...``).
 
-``attack`` and ``sweep`` share their flags and differ in defaults: ``attack`` runs one DLG on one
-image (rate 0, seed 0, naive attacker) unless told otherwise, ``sweep`` runs the full grid (rates
-0-90 %, seeds 0-2, naive and mask-aware). Both print the summary table and write CSV and figures
-to ``--out``. ``capture`` runs a small SecretFlow job and records one client's round.
-
-:func:`main` takes ``argv`` so it can back a console script (``sf-ext dlg ...``).
+``attack`` and ``sweep`` take the same flags, generated from :class:`~sf_ext.dlg.sweep.SweepConfig`
+(one flag per field), and differ in defaults: ``attack`` runs one DLG on one image (nothing
+pruned, seed 0, naive attacker) unless told otherwise, ``sweep`` the whole grid (0-90 % pruned,
+seeds 0-2, naive and mask-aware). Both print the summary table and write CSVs and figures to
+``--out``. ``capture`` trains a small SecretFlow job (flags generated from
+:class:`~sf_ext.dlg.settings.FLSetting`) and records chosen rounds of every client and of the
+server. A mistake in a flag is reported with a message and exit code 2.
 """
 
 import argparse
+import logging
 import sys
 from typing import List, Optional, Sequence
 
-from sf_ext.dlg.attacks import ATTACKS
-from sf_ext.dlg.sweep import ATTACKERS, DEFAULT_RATES, SweepConfig, format_summary, run_sweep
+from sf_ext.dlg.flags import add_dataclass_arguments, dataclass_from_args
+from sf_ext.dlg.labels import LABEL_METHODS
+from sf_ext.dlg.options import DISTANCES
+from sf_ext.dlg.settings import AGGREGATORS, STRATEGIES, FLSetting
+from sf_ext.dlg.sweep import ATTACKERS, DEFAULT_PRUNED, SOURCES, SweepConfig
 
 QUICK_ITERS = 50
-QUICK_RATES = (0, 50, 90)
+QUICK_PRUNED = (0, 50, 90)
+
+_SWEEP_DEFAULTS = {
+    "attack": {
+        "pruned_percent": (0.0,),
+        "attacks": ("dlg",),
+        "attackers": ("naive",),
+        "seeds": (0,),
+        "out": "runs/dlg_attack",
+    },
+    "sweep": {
+        "pruned_percent": DEFAULT_PRUNED,
+        "attacks": ("dlg",),
+        "attackers": ATTACKERS,
+        "seeds": (0, 1, 2),
+        "out": "runs/dlg_sweep",
+    },
+}
 
 
-def _floats(text: str) -> List[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+class _Renamed(argparse.Action):
+    """A flag that no longer exists: say what replaced it (exit 2)."""
+
+    def __init__(self, option_strings, dest, replacement: str = "", **kwargs):
+        self.replacement = replacement
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed: {self.replacement}")
 
 
-def _ints(text: str) -> List[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from exc
-
-
-def _names(choices: Sequence[str]):
-    def parse(text: str) -> List[str]:
-        names = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [n for n in names if n not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
-        return names
-
-    return parse
-
-
-def _add_attack_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    parser.add_argument("--dataset", default="fashion-mnist", help="test images to attack")
-    parser.add_argument("--data-root", default=None, help="data folder (default: SF_EXT_DATA)")
-    parser.add_argument(
-        "--rates", type=_floats, default=defaults["rates"], help="pruning rates in %% (e.g. 0,50)"
+def _sweep_parser(sub, name: str, help_text: str):
+    parser = sub.add_parser(
+        name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    names = add_dataclass_arguments(
+        parser,
+        SweepConfig,
+        defaults=_SWEEP_DEFAULTS[name],
+        choices={
+            "distance": DISTANCES,
+            "label_method": LABEL_METHODS,
+            "source": SOURCES,
+            "device": ("cpu", "cuda"),
+        },
     )
     parser.add_argument(
-        "--attacks",
-        type=_names(sorted(ATTACKS)),
-        default=defaults["attacks"],
-        help=f"comma-separated, from {', '.join(sorted(ATTACKS))}",
+        "--rates",
+        action=_Renamed,
+        replacement="use --pruned-percent (percent of weight entries zeroed; note that "
+        "fed_avg_w_prune's prune_end_rate is the fraction kept)",
     )
-    parser.add_argument(
-        "--attackers",
-        type=_names(ATTACKERS),
-        default=defaults["attackers"],
-        help="naive and/or mask-aware",
-    )
-    parser.add_argument("--seeds", type=_ints, default=defaults["seeds"], help="e.g. 0,1,2")
-    parser.add_argument(
-        "--iters", type=int, default=None, help="iterations per run (default 300; ig 1000)"
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="images per gradient")
-    parser.add_argument("--image-index", type=int, default=None, help="fixed test image index")
-    parser.add_argument(
-        "--restarts",
-        type=int,
-        default=3,
-        help="extra L-BFGS starts of dlg/idlg within --iters (0: original single start)",
-    )
-    parser.add_argument(
-        "--distance",
-        choices=("l2", "l2-layer"),
-        default="l2",
-        help="dlg/idlg gradient distance: l2 (original) or l2-layer (per-tensor normalized)",
-    )
-    parser.add_argument("--ig-restarts", type=int, default=2, help="restarts of the ig attack")
-    parser.add_argument(
-        "--capture",
-        nargs="+",
-        default=(),
-        help="capture folders to attack instead of DLG's own setting",
-    )
-    parser.add_argument(
-        "--source",
-        choices=("gradient", "update"),
-        default="gradient",
-        help="captured: prune the first-batch gradient, or attack the upload as sent",
-    )
-    parser.add_argument("--snapshot-every", type=int, default=10)
-    parser.add_argument("--out", default=defaults["out"], help="output folder")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke run: {QUICK_ITERS} iterations, rates {QUICK_RATES}, first seed only",
+        help=f"smoke run: {QUICK_ITERS} iterations, pruned {QUICK_PRUNED} (sweep), first seed",
+    )
+    parser.add_argument(
+        "--judge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score recognizability with an independently trained classifier (trained once "
+        "per dataset and cached)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(config_fields=names)
+    return parser
+
+
+def _rounds(text: str):
+    pairs = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        if item in ("first", "last"):
+            pairs.append(item)
+            continue
+        try:
+            epoch, step = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"rounds are 'first', 'last' or EPOCH:STEP pairs like 0:0,2:4; got {item!r}"
+            ) from None
+        pairs.append((epoch, step))
+    if not pairs:
+        raise argparse.ArgumentTypeError("give at least one round")
+    return pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sf_ext.dlg", description="Gradient-inversion (DLG) audits of pruned FL uploads."
+        prog="sf_ext.dlg",
+        description="Gradient-inversion (DLG) audits of pruned FL uploads.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    attack = sub.add_parser("attack", help="attack one image (or capture) and report")
-    _add_attack_flags(
-        attack,
-        {
-            "rates": [0.0],
-            "attacks": ["dlg"],
-            "attackers": ["naive"],
-            "seeds": [0],
-            "out": "runs/dlg_attack",
+    _sweep_parser(sub, "attack", "attack one image (or capture) and report")
+    _sweep_parser(sub, "sweep", "pruned shares x attacks x attackers x seeds")
+    capture = sub.add_parser(
+        "capture",
+        help="train a SecretFlow job and record chosen rounds (clients and server)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    names = add_dataclass_arguments(
+        capture,
+        FLSetting,
+        exclude=("name",),
+        choices={
+            "strategy": STRATEGIES,
+            "aggregator": AGGREGATORS,
+            "optimizer": ("sgd", "adam"),
+            "prune_scope": ("layer", "global"),
         },
     )
-    sweep = sub.add_parser("sweep", help="pruning rates x attacks x attackers x seeds")
-    _add_attack_flags(
-        sweep,
-        {
-            "rates": list(DEFAULT_RATES),
-            "attacks": ["dlg"],
-            "attackers": list(ATTACKERS),
-            "seeds": [0, 1, 2],
-            "out": "runs/dlg_sweep",
-        },
+    capture.add_argument(
+        "--rounds",
+        type=_rounds,
+        default=["first", "last"],
+        help="rounds to record: first, last, or EPOCH:STEP pairs",
     )
-    capture = sub.add_parser("capture", help="record one client's round from a SecretFlow run")
-    capture.add_argument("--strategy", choices=("fed_avg_w", "fed_avg_w_prune"), required=True)
-    capture.add_argument("--out", default="runs", help="base folder (capture goes in a subfolder)")
-    capture.add_argument("--name", default=None, help="capture subfolder name")
-    capture.add_argument("--dataset", default="fashion-mnist")
-    capture.add_argument("--data-root", default=None)
-    capture.add_argument("--model", default="dlg-lenet", help="model name from sf_ext.models")
-    capture.add_argument("--samples", type=int, default=32, help="training images, both clients")
-    capture.add_argument("--batch-size", type=int, default=1)
-    capture.add_argument("--epochs", type=int, default=2)
-    capture.add_argument("--capture-epoch", type=int, default=1)
-    capture.add_argument("--capture-step", type=int, default=0)
-    capture.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    capture.add_argument("--lr", type=float, default=0.01)
-    capture.add_argument("--prune-percent", type=float, default=50.0)
-    capture.add_argument("--prune-end-rate", type=float, default=0.1)
-    capture.add_argument("--seed", type=int, default=0)
-    capture.add_argument("--party", default="alice")
+    capture.add_argument("--out", default="runs/captures", help="output folder")
+    capture.add_argument("--overwrite", action="store_true", help="replace an earlier capture")
+    capture.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    capture.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    capture.set_defaults(setting_fields=names)
     return parser
 
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
-    config = SweepConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        rates=tuple(args.rates),
-        attacks=tuple(args.attacks),
-        attackers=tuple(args.attackers),
-        seeds=tuple(args.seeds),
-        iters=args.iters,
-        snapshot_every=args.snapshot_every,
-        batch_size=args.batch_size,
-        image_index=args.image_index,
-        restarts=args.restarts,
-        distance=args.distance,
-        ig_restarts=args.ig_restarts,
-        captures=tuple(args.capture),
-        source=args.source,
-        device=args.device,
-        threads=args.threads,
-        out=args.out,
-    )
+    config = dataclass_from_args(SweepConfig, args, args.config_fields)
     if args.quick:
-        config.iters = QUICK_ITERS if args.iters is None else args.iters
-        config.rates = QUICK_RATES if args.command == "sweep" else config.rates
+        config.iters = QUICK_ITERS if config.iters is None else config.iters
+        if args.command == "sweep":
+            config.pruned_percent = QUICK_PRUNED
         config.seeds = tuple(config.seeds[:1])
-        config.ig_restarts = 1
+        config.restarts = 1 if config.restarts is None else config.restarts
     return config
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    if args.command == "capture":
-        from sf_ext.dlg.capture import run_capture
-
-        folder = run_capture(
-            strategy=args.strategy,
-            out_dir=args.out,
-            name=args.name,
-            dataset=args.dataset,
-            data_root=args.data_root,
-            model=args.model,
-            samples=args.samples,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            capture_epoch=args.capture_epoch,
-            capture_step=args.capture_step,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            prune_percent=args.prune_percent,
-            prune_end_rate=args.prune_end_rate,
-            seed=args.seed,
-            party=args.party,
-        )
-        print(f"capture written to {folder}")
-        return 0
-    if args.device == "cuda":
+def _check_cuda(parser: argparse.ArgumentParser, device: str) -> None:
+    if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            print("error: --device cuda but CUDA is not available", file=sys.stderr)
-            return 2
-    config = _sweep_config(args)
+            parser.error("--device cuda, but torch sees no CUDA device here")
+
+
+def _capture(parser, args) -> int:
+    from sf_ext.dlg.fl_run import default_rounds
+    from sf_ext.outputs import prepare_output_dir
+
     try:
-        result = run_sweep(config, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        setting = dataclass_from_args(FLSetting, args, args.setting_fields)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    rounds = []
+    for item in args.rounds:
+        if item == "first":
+            rounds.append((0, 0))
+        elif item == "last":
+            rounds.append(default_rounds(setting)[-1])
+        else:
+            rounds.append(item)
+    _check_cuda(parser, args.device)
+    from sf_ext.dlg.fl_run import run_setting
+
+    folder = prepare_output_dir(
+        args.out, {"setting": setting.as_dict(), "rounds": sorted(set(rounds))}, args.overwrite
+    )
+    run = run_setting(setting, folder.path, sorted(set(rounds)), not args.no_progress, args.device)
+    folder.complete(*[p / "round.json" for p in run.rounds])
+    accuracy = " ".join(f"{a:.3f}" for a in run.val_accuracy)
+    print(f"validation accuracy per epoch: {accuracy}; kept fraction {run.kept_fraction:.3f}")
+    for path in run.rounds:
+        print(f"round written to {path}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the process exit code (2 for a user's mistake)."""
+    from sf_ext.outputs import OutputDirError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "capture":
+        try:
+            return _capture(parser, args)
+        except (ValueError, FileNotFoundError, OutputDirError) as exc:
+            parser.error(str(exc))
+    try:
+        config = _sweep_config(args)
+        config.validate()
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    _check_cuda(parser, config.device)
+    from sf_ext.dlg.sweep import format_summary, run_sweep
+
+    try:
+        judge = None
+        if args.judge:
+            from sf_ext.dlg.judge import load_judge
+
+            split = "train" if config.captures else "test"
+            dataset = config.dataset
+            if config.captures:
+                from sf_ext.dlg.sweep import _load_client
+
+                meta = _load_client(config.captures[0], config.party).meta
+                dataset = meta.get("dataset", dataset)
+            judge = load_judge(dataset, split, config.data_root, progress=not args.no_progress)
+        result = run_sweep(config, progress=not args.no_progress, judge=judge)
+    except (ValueError, FileNotFoundError, OutputDirError) as exc:
+        parser.error(str(exc))
     print(format_summary(result.summary))
-    print(f"\n{len(result.rows)} runs in {result.wall_time_s:.1f} s; outputs in {result.out}/")
+    what = "read back from" if result.resumed else "outputs in"
+    print(f"\n{len(result.rows)} runs in {result.wall_time_s:.1f} s; {what} {result.out}/")
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+__all__: List[str] = ["build_parser", "main"]

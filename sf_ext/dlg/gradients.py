@@ -1,8 +1,9 @@
 """What the attacker observes: a client's gradient (or weight update), optionally pruned.
 
 Everything here works on lists of tensors aligned with ``model.parameters()``. Pruning goes through
-:func:`sf_ext.pruning.masked_tensors`, the per-layer magnitude rule ``fed_avg_w_prune`` uses, so
-biases are never pruned and exactly ``round(keep * size)`` entries of each weight tensor are kept.
+:func:`sf_ext.pruning.masked_tensors`, the per-layer mask code ``fed_avg_w_prune`` uses, so biases
+are never pruned and exactly ``round(keep * size)`` entries of each weight tensor are kept; here
+the ranking is by gradient magnitude (the strategy ranks weights).
 """
 
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
@@ -99,7 +100,12 @@ def gradient_from_update(update: GradientLike, lr: Optional[float] = None) -> Li
 def prune_gradient(
     model: nn.Module, gradient: GradientLike, keep_fraction: float, scope: str = "layer"
 ) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
-    """Magnitude-prune an observed gradient the way ``fed_avg_w_prune`` prunes an upload.
+    """Magnitude-prune an observed gradient per layer (gradient pruning, the DLG paper's defence).
+
+    It uses the same mask code as ``fed_avg_w_prune`` (per-layer, exact counts, biases never
+    pruned) but ranks the *gradient's* magnitudes. ``fed_avg_w_prune`` ranks the *weights'*
+    magnitudes, so its upload zeroes entries whatever their gradient; attack a captured upload
+    (``source="update"`` in a sweep) to see what the strategy really sends.
 
     Args:
         model: Model the gradient belongs to (its parameter names decide which tensors are weights).
@@ -124,7 +130,7 @@ def masks_kept_fraction(masks: Sequence[Optional[torch.Tensor]]) -> float:
 
 
 def rate_to_keep_fraction(prune_rate_percent: float) -> float:
-    """Pruning rate in percent (share of weight entries zeroed) to the kept fraction."""
+    """Percent of weight entries zeroed (a sweep's ``pruned_percent``) to the kept fraction."""
     if not 0 <= prune_rate_percent < 100:
         raise ValueError(f"pruning rate must be in [0, 100), got {prune_rate_percent!r}")
     return 1.0 - prune_rate_percent / 100.0

@@ -554,7 +554,7 @@ def markdown(card: Scorecard, summary: Dict[str, Any]) -> str:
                     text = f"{_fmt(e['bd_final_worst'], 1, True)} ({_fmt(e['bd_final_mean'], 1, True)})"
                 else:
                     text = f"{_fmt(e['d_final_worst'])} ({_fmt(e['d_final_mean'])})"
-                if e["passes"] is False:
+                if e["passes"] is False and kind != "none":  # no-attack rows: see the FPR table
                     text += " ✗"
                 if e["flags"]:
                     text += " " + " ".join(
