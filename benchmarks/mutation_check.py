@@ -85,6 +85,7 @@ DEFAULT_TARGETS = [
 ]
 
 DEFAULT_TESTS = [
+    "tests/test_mutation_kills.py",
     "tests/test_aggregators_core.py",
     "tests/test_aggregators_extra.py",
     "tests/test_reference_selection.py",
@@ -570,8 +571,14 @@ def test_env(scratch: Path, data_root: str) -> Dict[str, str]:
     return env
 
 
+# Quick tests aimed at single mutants: run before the rest for every target. The order only
+# changes how soon a mutant is caught (``-x``), never whether it is.
+QUICK_TESTS = ("tests/test_mutation_kills.py",)
+
+
 def tests_for(target: str, tests: List[str], extra: Dict[str, List[str]]) -> List[str]:
-    """The test files for one target, the most specific first (``-x`` stops at the first fail)."""
+    """The test files for one target, the quickest and most specific first (``-x`` stops at the
+    first failure)."""
     files = list(tests)
     for pattern, more in extra.items():
         if pattern in target:
@@ -583,6 +590,8 @@ def tests_for(target: str, tests: List[str], extra: Dict[str, List[str]]) -> Lis
         first = [f for f in files if "aggregators" in f or "reference" in f]
     else:
         first = [f for f in files if stem in f]
+    quick = [f for f in files if f in QUICK_TESTS]
+    first = quick + [f for f in first if f not in quick]
     return first + [f for f in files if f not in first]
 
 
@@ -844,7 +853,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--include-from",
         type=Path,
         default=None,
-        help="results.csv of another run: also run its survivors that exist here",
+        help="results.csv (or --out folder) of another run: also run its survivors that exist here",
     )
     parser.add_argument("--ids", nargs="+", default=None, help="run only these mutant ids")
     parser.add_argument("--list", action="store_true", help="list the selected mutants and stop")
@@ -880,6 +889,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     missing = [t for t in tests if not (args.repo / t).is_file()]
     if missing:
         parser.error(f"test files not found under {args.repo}: {missing}")
+    if args.include_from is not None and args.include_from.is_dir():
+        args.include_from = args.include_from / "results.csv"  # an earlier run's --out
     if args.include_from is not None and not args.include_from.is_file():
         parser.error(f"--include-from {args.include_from} does not exist")
     return args
