@@ -24,6 +24,7 @@ from sf_ext.aggregators import (
 )
 from sf_ext.aggregators._linalg import weighted_row_sum
 from sf_ext.aggregators.flame import flame, majority_cluster
+from sf_ext.aggregators.foolsgold import foolsgold_weights
 from sf_ext.aggregators.masking import (
     coordinatewise_over_keepers,
     effective_shares,
@@ -31,6 +32,9 @@ from sf_ext.aggregators.masking import (
 )
 from sf_ext.aggregators.matrix_mapping import anomaly_scores, map_updates, xmam_select
 from sf_ext.aggregators.sign import rsa_step, sign_aggregate
+from sf_ext.aggregators.signguard import sign_features
+from sf_ext.attacks.adaptive import adaptive_matrix_mapping
+from sf_ext.attacks.fang import fang_krum, fang_trim
 from sf_ext.attacks.untargeted import (
     _search_gamma,
     gaussian_noise,
@@ -1059,3 +1063,196 @@ def test_dnc_on_all_coordinates_removes_the_top_singular_direction_outliers():
     removed = set(np.argsort(-projection)[:2].tolist())
     assert removed == {1, 6}
     assert report.kept.tolist() == [i not in removed for i in range(8)]
+
+
+# ---------------------------------------------------------------------------------------------
+# SignGuard, FoolsGold, Shield
+
+
+def test_signguard_sign_features_are_column_normalized_sign_fractions():
+    """signguard.py:55 ``block == 0 -> != 0`` counted the non-zero entries as zeros."""
+    matrix = torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.0, 0.0, 1.0, 1.0], [-1.0, -1.0, -1.0, 0.0]])
+    features = sign_features(matrix, 1.0)
+    expected = np.array([[1.0, 0.5, 1 / 3], [1.0, 1.0, 0.0], [0.0, 0.5, 1.0]])
+    np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_signguard_default_norm_bounds_are_a_tenth_and_three_times_the_median():
+    """SignGuard's bounds ``0.1 < |g_i| / median < 3`` (strict).
+
+    signguard.py:85 ``lower=0.1 -> 0.05``; :86 ``upper=3.0 -> 1.5``.
+    """
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn(50, generator=gen)
+    updates = (direction + 0.1 * torch.randn(9, 50, generator=gen)) / direction.norm()
+    updates = updates / updates.norm(dim=1, keepdim=True)  # every norm 1
+    for row, factor in ((6, 0.08), (7, 2.5), (8, 3.2)):
+        updates[row] *= factor
+    _, report = aggregate("signguard", updates, generator=torch.Generator().manual_seed(1))
+    assert report.details["passed_norm"] == [True] * 6 + [False, True, False]
+    torch.testing.assert_close(report.scores[6:], torch.tensor([0.08, 2.5, 3.2]).double())
+
+
+def test_foolsgold_scores_are_the_largest_cosine_to_another_history():
+    """foolsgold.py:125 ``h / |h| -> h * |h|`` broke the reported similarities; :81 the
+    default confidence ``kappa = 1`` (the paper's)."""
+    gen = torch.Generator().manual_seed(2)
+    updates = torch.randn(5, 30, generator=gen)
+    updates[4] = 3.0 * updates[3] + 0.01 * torch.randn(30, generator=gen)  # a sybil pair
+    state = {}
+    _, report = aggregate("foolsgold", updates, client_ids=list("abcde"), state=state)
+    h = updates.double()
+    cos = torch.nn.functional.cosine_similarity(h[:, None], h[None], dim=2)
+    cos.fill_diagonal_(-1.0)
+    torch.testing.assert_close(report.scores, cos.max(dim=1).values)
+    assert report.details["kappa"] == 1.0
+    expected = foolsgold_weights(h, kappa=1.0)
+    torch.testing.assert_close(torch.tensor(report.details["foolsgold_weights"]).double(), expected)
+    assert float(expected[3]) == float(expected[4]) == 0.0
+
+
+def _shield_round():
+    rnd = planted_round("none", n_benign=10, n_attack=0, dim=200)
+    updates = rnd.updates.clone()
+    updates[3] *= 2.5  # within three median norms
+    updates[7] *= 3.5  # beyond
+    updates[5] = -updates[5]  # opposes the others
+    return updates
+
+
+def test_shield_default_checks_and_their_thresholds():
+    """Documented defaults: norm bound 3 median norms, the min-cosine check off (-1), the
+    direction check at 3 robust standard deviations (1.4826 MAD, floored at 0.05) below the
+    median cosine of the candidates.
+
+    shield.py:102 ``norm_bound=3 -> 1.5``; :103 ``min_cosine=-1 -> -0.5``; :104
+    ``direction_z=3 -> 1.5``; :73 ``MIN_SPREAD = 0.05``.
+    """
+    updates = _shield_round()
+    _, report = aggregate("shield", updates)
+    details = report.details
+    assert details["dropped_by"] == {5: ["direction outlier"], 7: ["norm above bound"]}
+    cosine = torch.tensor(details["cosine"], dtype=torch.float64)
+    candidates = torch.tensor([i != 7 for i in range(10)])
+    center = float(cosine[candidates].median())
+    mad = float((cosine[candidates] - center).abs().median())
+    low = center - 3.0 * max(1.4826 * mad, 0.05)
+    assert details["cosine_threshold"] == pytest.approx(low, abs=1e-9)
+    assert report.kept.tolist() == [i not in (5, 7) for i in range(10)]
+
+
+def test_shield_averages_equally_by_default():
+    """shield.py:107 ``weight_by_samples=False -> True``."""
+    updates = _shield_round()
+    counts = torch.arange(1.0, 11.0)
+    _, report = aggregate("shield", updates, counts)
+    kept = report.kept
+    share = effective_shares(report)[kept]
+    torch.testing.assert_close(share, torch.full_like(share, 1.0 / int(kept.sum())))
+    _, report = aggregate("shield", updates, counts, weight_by_samples=True)
+    expected = counts[kept].double() / counts[kept].sum()
+    torch.testing.assert_close(effective_shares(report)[kept], expected)
+
+
+def test_shield_keeping_a_bare_majority_needs_no_fallback():
+    """Four of six kept is a majority (``n // 2 + 1``): the fallback stays off.
+
+    shield.py:195 ``< n // 2 + 1 -> < n // 2 + 2``.
+    """
+    rnd = planted_round("none", n_benign=6, n_attack=0, dim=200)
+    updates = rnd.updates.clone()
+    updates[4] = updates[5] = -0.5 * updates[0] + 0.01  # two identical (duplicate) uploads
+    _, report = aggregate("shield", updates)
+    assert report.kept.tolist() == [True, True, True, True, False, False]
+    assert report.details["fallback"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Fang and the adaptive attack
+
+
+def test_fang_krum_returns_the_updates_and_spreads_only_the_supporters():
+    """The first attacker sends ``-lambda * sign(mean)``, the others lie within
+    ``perturb_norm`` of it; without ``return_details`` only the updates come back.
+
+    fang.py:82 ``return_details=False -> True``; :139 ``rows[1:] -> rows[2:]`` left the second
+    attacker unperturbed.
+    """
+    gen = torch.Generator().manual_seed(3)
+    updates = torch.randn(9, 20, generator=gen) * 0.1 + 0.05
+    mask = torch.tensor([False, True, True, True, False, False, False, False, False])
+    out = fang_krum(updates, mask)
+    assert isinstance(out, torch.Tensor)
+    out, info = fang_krum(
+        updates,
+        mask,
+        perturb_norm=0.5,
+        generator=torch.Generator().manual_seed(0),
+        return_details=True,
+    )
+    first = -info.lam * torch.sign(updates[~mask].double().mean(dim=0)).float()
+    torch.testing.assert_close(out[1], first)
+    for row in (2, 3):
+        gap = float((out[row] - first).norm())
+        assert 0.0 < gap <= 0.5 + 1e-6
+    torch.testing.assert_close(out[~mask], updates[~mask])
+
+
+def test_fang_trim_needs_b_above_one():
+    """fang.py:167 ``not b > 1 -> not b >= 1`` accepted b = 1 (an empty range)."""
+    updates = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([True, False, False, False, False, False])
+    with pytest.raises(ValueError, match="b must be > 1"):
+        fang_trim(updates, mask, b=1.0)
+    out = fang_trim(updates, mask, b=1.5, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(out[0], updates[0])
+
+
+def test_adaptive_attack_search_stops_at_the_requested_precision():
+    """The refinement stops once the bracket is ``rel_tol`` wide; it does not spend the whole
+    ``max_iter`` budget, and the default call returns only the updates.
+
+    adaptive.py:139 ``> rel_tol * low and evaluations < max_iter -> or``; :87
+    ``return_details=False -> True``.
+    """
+    from sf_ext.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(in_channels=1, image_size=4, num_classes=5, hidden=(8,))
+    n_params = sum(p.numel() for p in model.parameters())
+    updates = torch.randn(8, n_params) * 0.5
+    mask = torch.tensor([True, True, True, False, False, False, False, False])
+    options = dict(model=model, input_shape=(1, 4, 4), reference="single")
+    out, info = adaptive_matrix_mapping(updates, mask, return_details=True, **options)
+    assert 0.0 < info.lam < 200
+    assert info.evaluations < 25
+    plain = adaptive_matrix_mapping(updates, mask, **options)
+    assert isinstance(plain, torch.Tensor)
+    torch.testing.assert_close(plain, out)
+
+
+def test_adaptive_attack_gives_up_after_max_iter_search_evaluations():
+    """``max_iter`` caps the halving search; when nothing passed, one more evaluation scores the
+    clean mean (lambda = 0) that is then sent.
+
+    adaptive.py:131 ``evaluations < max_iter -> <=`` ran one evaluation past the budget.
+    """
+    from sf_ext.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(in_channels=1, image_size=4, num_classes=5, hidden=(8,))
+    n_params = sum(p.numel() for p in model.parameters())
+    updates = torch.randn(8, n_params) * 0.5
+    mask = torch.tensor([True, True, True, False, False, False, False, False])
+    out, info = adaptive_matrix_mapping(
+        updates,
+        mask,
+        model=model,
+        input_shape=(1, 4, 4),
+        reference="single",
+        max_iter=3,
+        return_details=True,
+    )
+    assert info.lam == 0.0
+    assert info.evaluations == 3 + 1
+    torch.testing.assert_close(out[0], updates[mask].mean(dim=0))
