@@ -1,6 +1,7 @@
-"""Behaviour the mutation check found unpinned: each test fails on a planted bug that every other
-fast test let through (``benchmarks/mutation_check.py``; the mutants are listed in
-``experiments/mutation/README.md``, referred to here as ``file:line  old -> new``).
+"""Behaviour the mutation check found unpinned: each test fails on a planted bug that the other
+fast tests let through (``benchmarks/mutation_check.py``; the mutants are those of
+``experiments/mutation/before/report.md`` and ``after/results.csv``, referred to here as
+``file:line  old -> new``; ``experiments/mutation/README.md`` explains the ones left).
 
 The tests assert what the code promises (values from definitions, closed forms or a direct
 computation), not how it is written.
