@@ -98,7 +98,8 @@ def adaptive_matrix_mapping(
         lambda_max: Upper end of the search interval (the paper's 200, exclusive).
         lambda_min: Below this the search gives up and sends the clean mean (lambda = 0).
         rel_tol: Relative precision of the final bisection.
-        max_iter: Most score evaluations (each maps ``2f`` or ``f + 1`` updates).
+        max_iter: Most score evaluations of the search (each maps ``2f`` or ``f + 1`` updates);
+            a search where no lambda passes scores the clean mean once more.
         reference: ``"paper"`` (f clean + f malicious copies) or ``"single"`` (f clean + 1).
         return_details: Also return an :class:`AdaptiveResult`.
     """
