@@ -1257,3 +1257,21 @@ def test_adaptive_attack_gives_up_after_max_iter_search_evaluations():
     assert info.lam == 0.0
     assert info.evaluations == 3 + 1
     torch.testing.assert_close(out[0], updates[mask].mean(dim=0))
+
+
+def test_fltrust_gives_an_all_zero_update_no_trust_no_weight_and_clip_factor_zero():
+    from sf_ext.aggregators.fltrust import fltrust
+
+    root = torch.tensor([1.0, 0.0, 0.0])
+    updates = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    result, report = fltrust(updates, None, root_update=root)
+    details = report.details
+    assert details["clip_factors"] == pytest.approx([0.0, 0.5, 1 / math.sqrt(0.5)])
+    assert details["trust"] == pytest.approx([0.0, 1.0, math.sqrt(0.5)])
+    assert report.kept.tolist() == [False, True, True]
+    # Each kept update rescaled to the root's norm, weighted by trust: (1, 0, 0) and (.5, .5, 0)/|.|.
+    expected = (
+        torch.tensor([1.0, 0.0, 0.0])
+        + math.sqrt(0.5) * torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2)
+    ) / (1 + math.sqrt(0.5))
+    assert torch.allclose(result, expected.to(result.dtype), atol=1e-6)
