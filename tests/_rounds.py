@@ -98,3 +98,16 @@ def run_rule(name, updates, num_samples=None, rnd: Round = None, context=None, *
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def adaptive_mm_case():
+    """The adaptive matrix-mapping attack's fixture: a seeded 16-8-5 MLP, 8 updates of its size
+    (std 0.5) and the first 3 rows as attackers. Returns ``(model, updates, attacker_mask)``."""
+    from sf_ext.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(in_channels=1, image_size=4, num_classes=5, hidden=(8,))
+    n_params = sum(p.numel() for p in model.parameters())
+    updates = torch.randn(8, n_params) * 0.5
+    mask = torch.tensor([True, True, True, False, False, False, False, False])
+    return model, updates, mask

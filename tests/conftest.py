@@ -20,6 +20,15 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts with one torch thread, and a test that changes it cannot slow the rest."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI and developers keep the shared data folder beside the checkout.
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"

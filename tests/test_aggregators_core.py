@@ -50,15 +50,6 @@ ROBUST = [name for name in SYNTHETIC if name != "fedavg"]
 NO_NOISE = {"flame": {"noise_lambda": 0.0}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: extra OpenMP threads only spin and wait.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def max_score(report: AggregationReport, rows: torch.Tensor) -> float:
     return float(report.scores[rows].max())
 
@@ -781,3 +772,29 @@ def test_rfa_stops_at_max_iter_and_says_it_did_not_converge():
     assert capped.details["iterations"] == 1 and capped.details["converged"] is False
     _, full = geometric_median(rnd.updates, eps=1e-12, max_iter=500)
     assert full.details["iterations"] > 1 and full.details["converged"] is True
+
+
+def test_mean_over_keepers_is_the_weighted_mean_of_the_clients_that_kept_each_coordinate():
+    from sf_ext.aggregators.masking import mean_over_keepers
+
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(5, 4, 3, generator=gen, dtype=torch.float64)
+    masks = torch.rand(5, 4, 3, generator=gen) > 0.5
+    masks[:, 0, 0] = False  # nobody kept it
+    shares = torch.tensor([1.0, 3.0, 0.5, 2.0, 7.0])
+    out = mean_over_keepers(rows * masks, masks, shares)
+    for j in range(4):
+        for k in range(3):
+            keepers = masks[:, j, k]
+            if not keepers.any():
+                assert out[j, k] == 0
+                continue
+            s = shares[keepers].double()
+            expected = (s * rows[keepers, j, k]).sum() / s.sum()
+            assert out[j, k] == pytest.approx(float(expected), rel=1e-12)
+    # No masks: the weighted mean; no shares: equal weights.
+    assert torch.allclose(
+        mean_over_keepers(rows, None, shares),
+        (shares[:, None, None].double() * rows).sum(0) / shares.sum(),
+    )
+    assert torch.allclose(mean_over_keepers(rows, None), rows.mean(0))

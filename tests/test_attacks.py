@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _rounds import adaptive_mm_case  # noqa: E402  (tests/ is on sys.path)
 
 from sf_ext.attacks import (
     ATTACKS,
@@ -227,13 +228,8 @@ def test_pixel_pattern_trigger():
 def test_adaptive_attack_against_matrix_mapping(reference):
     from sf_ext.aggregators.matrix_mapping import anomaly_scores, map_updates
     from sf_ext.attacks import adaptive_matrix_mapping, leader_passes
-    from sf_ext.models import MLP
 
-    torch.manual_seed(0)
-    model = MLP(in_channels=1, image_size=4, num_classes=5, hidden=(8,))
-    n_params = sum(p.numel() for p in model.parameters())
-    updates = torch.randn(8, n_params) * 0.5
-    mask = torch.tensor([True, True, True, False, False, False, False, False])
+    model, updates, mask = adaptive_mm_case()
     out, info = adaptive_matrix_mapping(
         updates, mask, model=model, input_shape=(1, 4, 4), reference=reference, return_details=True
     )

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from _dlg_models import tiny_model  # noqa: E402  (tests/ is on sys.path)
 from torch import nn
 
 from sf_ext.dlg import (
@@ -33,21 +34,6 @@ from sf_ext.dlg.distance import TensorDistance
 from sf_ext.dlg.gradients import gradient_from_update, rate_to_keep_fraction
 from sf_ext.dlg.options import AttackOptions
 from sf_ext.models import DLGLeNet, uniform_init_
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(seed: int) -> nn.Module:
-    # The first layer is linear with a bias, so its gradient determines a single input exactly
-    # (dL/dW1 = delta x^T and dL/db1 = delta): the attack has a unique answer to find.
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Sigmoid(), nn.Linear(8, 4))
 
 
 def tiny_problem(seed: int, label: int):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _dlg_models import tiny_model  # noqa: E402  (tests/ is on sys.path)
 
 from sf_ext.dlg import (
     OptimizerSpec,
@@ -20,19 +20,6 @@ from sf_ext.dlg.labels import round_counts
 from sf_ext.dlg.local_training import equivalent_gradient_sum
 from sf_ext.dlg.metrics import label_accuracy
 from sf_ext.models import LeNet
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Sigmoid(), nn.Linear(8, 4))
 
 
 def _train_for_real(model, optimizer, batches):

@@ -13,7 +13,12 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from _rounds import full_context, planted_round, run_rule  # noqa: E402  (tests/ on sys.path)
+from _rounds import (  # noqa: E402  (tests/ on sys.path)
+    adaptive_mm_case,
+    full_context,
+    planted_round,
+    run_rule,
+)
 
 from sf_ext.aggregators import (
     AGGREGATORS,
@@ -1216,13 +1221,7 @@ def test_adaptive_attack_search_stops_at_the_requested_precision():
     adaptive.py:139 ``> rel_tol * low and evaluations < max_iter -> or``; :87
     ``return_details=False -> True``.
     """
-    from sf_ext.models import MLP
-
-    torch.manual_seed(0)
-    model = MLP(in_channels=1, image_size=4, num_classes=5, hidden=(8,))
-    n_params = sum(p.numel() for p in model.parameters())
-    updates = torch.randn(8, n_params) * 0.5
-    mask = torch.tensor([True, True, True, False, False, False, False, False])
+    model, updates, mask = adaptive_mm_case()
     options = dict(model=model, input_shape=(1, 4, 4), reference="single")
     out, info = adaptive_matrix_mapping(updates, mask, return_details=True, **options)
     assert 0.0 < info.lam < 200
@@ -1238,13 +1237,7 @@ def test_adaptive_attack_gives_up_after_max_iter_search_evaluations():
 
     adaptive.py:131 ``evaluations < max_iter -> <=`` ran one evaluation past the budget.
     """
-    from sf_ext.models import MLP
-
-    torch.manual_seed(0)
-    model = MLP(in_channels=1, image_size=4, num_classes=5, hidden=(8,))
-    n_params = sum(p.numel() for p in model.parameters())
-    updates = torch.randn(8, n_params) * 0.5
-    mask = torch.tensor([True, True, True, False, False, False, False, False])
+    model, updates, mask = adaptive_mm_case()
     out, info = adaptive_matrix_mapping(
         updates,
         mask,

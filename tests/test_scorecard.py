@@ -20,14 +20,6 @@ DIGITS = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _card(tmp_path, **extra):
     spec = {
         "name": "tiny_card",

@@ -357,44 +357,44 @@ def _direct_rounds(sf, clients, server, spu):
     return out
 
 
+def _fit_with_a_sign_flipper(server, clients, aggregator, train, test):
+    """Two epochs of LeNet with ``aggregator``, dave flipping signs (x4); validation accuracies."""
+    from secretflow_fl.ml.nn import FLModel
+
+    from sf_ext.models import LeNet
+    from sf_ext.strategies import enable_attack
+    from sf_ext.training import build_torch_model
+
+    fl = FLModel(
+        server=server,
+        device_list=clients,
+        model=build_torch_model(LeNet, lr=3e-3),
+        aggregator=aggregator,
+        strategy="fed_avg_w_attack",
+        backend="torch",
+        random_seed=0,
+    )
+    enable_attack(fl, "dave", "sign_flip", scale=-4.0)
+    history = fl.fit(
+        *train, validation_data=test, epochs=2, batch_size=64, aggregate_freq=8, verbose=0
+    )
+    return [float(a) for a in history["global_history"]["val_multiclassaccuracy"]]
+
+
 def _training(sf, clients, server, spu):
     """Fashion-MNIST LeNet, dave flips signs (x4): plaintext FlameAggregator, then
     SecureFlameAggregator (default relative noise, same draws) with every transfer to the server
     recorded."""
-    from secretflow_fl.ml.nn import FLModel
-
     from sf_ext.aggregators.robust_secretflow import FlameAggregator
     from sf_ext.aggregators.secure_flame import SecureFlameAggregator
     from sf_ext.data import federated_dataset
-    from sf_ext.models import LeNet
-    from sf_ext.strategies import enable_attack
-    from sf_ext.training import build_torch_model
 
     (train_x, train_y), test = federated_dataset(
         "fashion-mnist", {c: 0.25 for c in clients}, limit=4000, seed=0
     )
 
     def fit(aggregator):
-        fl = FLModel(
-            server=server,
-            device_list=clients,
-            model=build_torch_model(LeNet, lr=3e-3),
-            aggregator=aggregator,
-            strategy="fed_avg_w_attack",
-            backend="torch",
-            random_seed=0,
-        )
-        enable_attack(fl, "dave", "sign_flip", scale=-4.0)
-        history = fl.fit(
-            train_x,
-            train_y,
-            validation_data=test,
-            epochs=2,
-            batch_size=64,
-            aggregate_freq=8,
-            verbose=0,
-        )
-        return [float(a) for a in history["global_history"]["val_multiclassaccuracy"]]
+        return _fit_with_a_sign_flipper(server, clients, aggregator, (train_x, train_y), test)
 
     plain = FlameAggregator(server, clients)
     out = {"plain_accuracy": fit(plain), "plain_reports": plain.reports()}
@@ -505,12 +505,7 @@ def _party_program(path: str) -> None:
     from sf_ext.production import init_from_env
 
     self_party = init_from_env()
-    from secretflow_fl.ml.nn import FLModel
-
     from sf_ext.data import federated_dataset
-    from sf_ext.models import LeNet
-    from sf_ext.strategies import enable_attack
-    from sf_ext.training import build_torch_model
 
     sf_ext.register_strategies()
     ports = json.loads(os.environ["SF_EXT_SPU_PORTS"])
@@ -528,27 +523,13 @@ def _party_program(path: str) -> None:
         "fashion-mnist", {c: 1 / 3 for c in clients}, limit=3000, seed=0
     )
     aggregator = SecureFlameAggregator(server, clients, spu)
-    fl = FLModel(
-        server=server,
-        device_list=clients,
-        model=build_torch_model(LeNet, lr=3e-3),
-        aggregator=aggregator,
-        strategy="fed_avg_w_attack",
-        backend="torch",
-        random_seed=0,
-    )
-    enable_attack(fl, "dave", "sign_flip", scale=-4.0)
-    history = fl.fit(
-        train_x, train_y, validation_data=test, epochs=2, batch_size=64, aggregate_freq=8, verbose=0
-    )
+    accuracy = _fit_with_a_sign_flipper(server, clients, aggregator, (train_x, train_y), test)
     reports = aggregator.reports()
     if self_party == SERVER:
         with open(path, "w") as f:
             json.dump(
                 {
-                    "accuracy": [
-                        float(a) for a in history["global_history"]["val_multiclassaccuracy"]
-                    ],
+                    "accuracy": accuracy,
                     "kept": [r["kept"] for r in reports],
                     "parties": [r["parties"] for r in reports],
                 },

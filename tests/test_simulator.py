@@ -19,14 +19,6 @@ from sf_ext.simulator.run import run_grid
 DIGITS = dict(dataset="digits", model="mlp", partition="iid", lr=0.1, batch_size=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _config(**overrides) -> SimulationConfig:
     return SimulationConfig(**{**DIGITS, **overrides})
 

@@ -89,6 +89,14 @@ def main(argv=None) -> int:
         "oracle instead of FedAvg*",
     )
     args = parser.parse_args(argv)
+    for name in ("card_out", "oracle_out"):
+        folder = getattr(args, name)
+        if not os.path.isdir(os.path.join(folder, "cells")):
+            parser.error(
+                f"--{name.replace('_', '-')} {folder} holds no cells/ folder (not a card run)"
+            )
+    if args.summary and not os.path.isfile(args.summary):
+        parser.error(f"--summary {args.summary} does not exist (the main card's scorecard.json)")
     references, _ = load_card(args.card).cells()
     fedavg_star = {(c.setting, c.seed): _final(args.card_out, c.key) for c in references}
     _, oracle_cells = load_card(args.oracle).cells()
@@ -112,6 +120,11 @@ def main(argv=None) -> int:
         lines.append(
             f"| {setting} | {k} of 20 ({100 * (20 - k) // 20} % attackers) | {per_seed} "
             f"| {min(values):+.1f} | {sum(values) / len(values):+.1f} |"
+        )
+    if not rows:
+        parser.error(
+            "no oracle cell has both its own result and the main card's FedAvg* of the same "
+            "setting and seed: are --card-out and --oracle-out the runs of these two cards?"
         )
     table = "\n".join(lines) + "\n"
     if args.summary:

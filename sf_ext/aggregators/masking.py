@@ -37,6 +37,7 @@ __all__ = [
     "mask_aware_update",
     "effective_shares",
     "coordinatewise_over_keepers",
+    "mean_over_keepers",
 ]
 
 
@@ -161,3 +162,38 @@ def coordinatewise_over_keepers(
     total = torch.where(take, ordered, torch.zeros_like(ordered)).sum(dim=0)
     taken = take.sum(dim=0)
     return torch.where(taken > 0, total / taken.clamp(min=1), torch.zeros_like(total))
+
+
+def mean_over_keepers(
+    rows: torch.Tensor, masks: Optional[torch.Tensor], shares: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Weighted mean of each coordinate over the clients that kept it, in float64.
+
+    The plaintext form of what :class:`~sf_ext.aggregators.SecurePruneAggregator` computes
+    securely: ``sum_i s_i m_ij x_ij / sum_i s_i m_ij``, 0 where no client kept coordinate ``j``.
+
+    Args:
+        rows: ``[n, ...]`` client values (weights or updates).
+        masks: ``[n, ...]`` keep-masks (1 kept, 0 pruned), or None (every client kept everything:
+            the plain weighted mean).
+        shares: ``[n]`` client weights (sample counts); None weighs the clients equally.
+
+    Returns:
+        A float64 tensor of ``rows.shape[1:]``.
+    """
+    rows = torch.as_tensor(rows, dtype=torch.float64)
+    n = rows.shape[0]
+    shares = (
+        torch.ones(n, dtype=torch.float64)
+        if shares is None
+        else torch.as_tensor(shares, dtype=torch.float64).reshape(n)
+    )
+    keep = (
+        torch.ones_like(rows)
+        if masks is None
+        else torch.as_tensor(masks, dtype=torch.float64).reshape(rows.shape)
+    )
+    weight = torch.tensordot(shares, keep, dims=1)
+    total = torch.tensordot(shares, keep * rows, dims=1)
+    kept = weight > 0
+    return torch.where(kept, total / torch.where(kept, weight, torch.ones_like(weight)), 0.0)

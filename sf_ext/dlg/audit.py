@@ -683,7 +683,7 @@ def build_parser():
     import argparse
 
     from sf_ext.dlg.flags import add_dataclass_arguments
-    from sf_ext.dlg.settings import AGGREGATORS, STRATEGIES
+    from sf_ext.dlg.settings import add_setting_arguments
 
     parser = argparse.ArgumentParser(
         prog="sf-ext audit",
@@ -693,17 +693,7 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     training = parser.add_argument_group("your training setting")
-    setting_fields = add_dataclass_arguments(
-        training,
-        FLSetting,
-        exclude=("name",),
-        choices={
-            "strategy": STRATEGIES,
-            "aggregator": AGGREGATORS,
-            "optimizer": ("sgd", "adam"),
-            "prune_scope": ("layer", "global"),
-        },
-    )
+    setting_fields = add_setting_arguments(training)
     audit = parser.add_argument_group("the audit")
     option_fields = add_dataclass_arguments(
         audit, AuditOptions, choices={"device": ("cpu", "cuda")}

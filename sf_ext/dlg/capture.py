@@ -294,30 +294,29 @@ class _ServerRecorder:
 
 
 def _plain_mask_aware_mean(*uploads, weights):
-    """Sample-weighted mean of weight lists, per coordinate over the clients that kept it.
-
-    Uploads without masks (``fed_avg_w``) give exactly ``numpy.average``; a coordinate nobody
-    kept comes out as 0.
+    """Sample-weighted mean of weight lists, per coordinate over the clients that kept it
+    (:func:`sf_ext.aggregators.masking.mean_over_keepers`); uploads without masks
+    (``fed_avg_w``) give the plain weighted mean.
     """
-    from sf_ext.aggregators.masking import MaskAwareAggregate
+    from sf_ext.aggregators.masking import MaskAwareAggregate, mean_over_keepers
 
-    shares = np.ones(len(uploads)) if weights is None else np.asarray(weights, dtype=np.float64)
+    shares = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64))
     result = []
     for index, elements in enumerate(zip(*uploads)):
-        stacked = np.stack([np.asarray(e, dtype=np.float64) for e in elements])
+        rows = torch.as_tensor(np.stack([np.asarray(e, dtype=np.float64) for e in elements]))
         masks = [getattr(u, "masks", None) for u in uploads]
         if all(m is None or m[index] is None for m in masks):
-            mean = np.average(stacked, axis=0, weights=shares)
+            keep = None
         else:
-            keep = np.stack(
-                [
-                    np.ones(stacked.shape[1:]) if m is None or m[index] is None else m[index]
-                    for m in masks
-                ]
-            ).astype(np.float64)
-            share = np.tensordot(shares, keep, axes=1)
-            total = np.tensordot(shares, keep * stacked, axes=1)
-            mean = np.where(share > 0, total / np.where(share > 0, share, 1.0), 0.0)
+            keep = torch.as_tensor(
+                np.stack(
+                    [
+                        np.ones(rows.shape[1:]) if m is None or m[index] is None else m[index]
+                        for m in masks
+                    ]
+                ).astype(np.float64)
+            )
+        mean = mean_over_keepers(rows, keep, shares).numpy()
         result.append(mean.astype(np.asarray(elements[0]).dtype))
     return MaskAwareAggregate(result, "RecordingPlainAggregator")
 

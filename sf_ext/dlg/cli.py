@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 from sf_ext.dlg.flags import add_dataclass_arguments, dataclass_from_args
 from sf_ext.dlg.labels import LABEL_METHODS
 from sf_ext.dlg.options import DISTANCES
-from sf_ext.dlg.settings import AGGREGATORS, STRATEGIES, FLSetting
+from sf_ext.dlg.settings import FLSetting, add_setting_arguments
 from sf_ext.dlg.sweep import ATTACKERS, DEFAULT_PRUNED, SOURCES, SweepConfig
 
 QUICK_ITERS = 50
@@ -122,17 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a SecretFlow job and record chosen rounds (clients and server)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    names = add_dataclass_arguments(
-        capture,
-        FLSetting,
-        exclude=("name",),
-        choices={
-            "strategy": STRATEGIES,
-            "aggregator": AGGREGATORS,
-            "optimizer": ("sgd", "adam"),
-            "prune_scope": ("layer", "global"),
-        },
-    )
+    names = add_setting_arguments(capture)
     capture.add_argument(
         "--rounds",
         type=_rounds,
@@ -175,6 +165,7 @@ def _capture(parser, args) -> int:
         parser.error(str(exc))
     # Imports SecretFlow: only once the flags are known to be valid.
     from sf_ext.dlg.fl_run import default_rounds
+
     rounds = []
     for item in args.rounds:
         if item == "first":

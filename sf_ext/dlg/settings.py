@@ -18,6 +18,22 @@ from sf_ext.dlg.local_training import OPTIMIZERS
 
 STRATEGIES = ("fed_avg_w", "fed_avg_w_prune")
 AGGREGATORS = ("plain", "secure", "secure_prune")
+PRUNE_SCOPES = ("layer", "global")
+#: The fixed choices of FLSetting's fields, for the command lines generated from it.
+CHOICES = {
+    "strategy": STRATEGIES,
+    "aggregator": AGGREGATORS,
+    "optimizer": OPTIMIZERS,
+    "prune_scope": PRUNE_SCOPES,
+}
+
+
+def add_setting_arguments(parser) -> list:
+    """One flag per :class:`FLSetting` field (but ``name``) on ``parser`` or an argument group;
+    returns the field names, for :func:`sf_ext.dlg.flags.dataclass_from_args`."""
+    from sf_ext.dlg.flags import add_dataclass_arguments
+
+    return add_dataclass_arguments(parser, FLSetting, exclude=("name",), choices=CHOICES)
 
 
 @dataclass
@@ -113,7 +129,7 @@ class FLSetting:
                 f"split needs at least two positive shares summing to 1, got {self.split!r}"
             )
         validate_prune_params(self.prune_percent, self.prune_end_rate)
-        if self.prune_scope not in ("layer", "global"):
+        if self.prune_scope not in PRUNE_SCOPES:
             raise ValueError(f"prune_scope must be 'layer' or 'global', got {self.prune_scope!r}")
         if self.dp_noise_multiplier < 0 or not self.dp_clip > 0:
             raise ValueError(
